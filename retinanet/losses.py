@@ -1,0 +1,166 @@
+"""Focal loss (paper §3.2, Eq. 5), anchor matching (§4 "Training") and the RetinaNet training loss (§3.3, §4).
+
+Training a RetinaNet has three stages, each a function below:
+1. `match_anchors`: give each anchor the ground-truth box it overlaps most, or mark it background or ignored.
+2. `focal_loss` over every non-ignored anchor and class, and a box regression loss over foreground anchors.
+3. Normalise both "by the number of anchors assigned to a ground-truth box" (§3.3).
+
+Legend for shapes: B batch, R anchors over all levels, K classes, G ground-truth boxes per image (padded).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import box_iou, generalized_box_iou_loss
+
+from .boxes import BOX_CODER_STD, decode, encode
+
+# Match states of an anchor that is not assigned to a ground-truth box (a matched anchor holds the box's index).
+BACKGROUND = -1  # IoU below bg_iou with every box: a negative for every class
+IGNORED = -2  # IoU in [bg_iou, fg_iou): "ignored during training" (§4)
+
+
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    """Element-wise α-balanced focal loss, paper Eq. 5: FL(p_t) = -α_t (1 - p_t)^γ log(p_t).
+
+    Computed from logits: log(p_t) comes from binary_cross_entropy_with_logits, which is exact where a clamped
+    probability would not be. alpha = 0.25 and gamma = 2 are the paper's choice (§5.1, Table 1a/b); alpha < 0
+    turns the α-balancing off.
+    """
+    p = torch.sigmoid(logits)
+    cross_entropy = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")  # -log(p_t)
+    p_t = p * targets + (1 - p) * (1 - targets)  # Eq. 2: p_t = p if y = 1 else 1 - p
+    loss = cross_entropy * (1 - p_t) ** gamma  # Eq. 4: "adding a modulating factor (1 - p_t)^γ"
+    if alpha >= 0:
+        alpha_t = alpha * targets + (1 - alpha) * (1 - targets)  # Eq. 3: α for class 1, 1 - α for class 0
+        loss = alpha_t * loss
+    return loss
+
+
+def match_anchors(
+    anchors: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    gt_valid: torch.Tensor,
+    fg_iou: float = 0.5,
+    bg_iou: float = 0.4,
+    allow_low_quality_matches: bool = True,
+) -> torch.Tensor:
+    """Assign the (R, 4) anchors of one image to its (G, 4) ground-truth boxes; returns (R,) int64.
+
+    §4: "anchors are assigned to ground-truth object boxes using an intersection-over-union (IoU) threshold of
+    0.5; and to background if their IoU is in [0, 0.4). [...] Unassigned anchors with overlap in [0.4, 0.5)
+    are ignored during training." Each entry is the index of the matched box, BACKGROUND or IGNORED. Boxes whose
+    (G,) `gt_valid` flag is False (padding) match nothing.
+
+    Low-quality matches (not in the paper; Faster R-CNN, Detectron, detectron2 and torchvision all do it): a
+    box that no anchor overlaps by fg_iou still gets the anchors it overlaps most, so that no object, however
+    small or thin, is left without a positive anchor.
+    """
+    if gt_boxes.shape[0] == 0:
+        return torch.full((anchors.shape[0],), BACKGROUND, dtype=torch.long, device=anchors.device)
+    iou = box_iou(gt_boxes, anchors).masked_fill(~gt_valid[:, None], -1.0)  # (G, R)
+    best_iou, matches = iou.max(dim=0)  # (R,) each: the box each anchor overlaps most
+    if allow_low_quality_matches:
+        best_iou_per_box = iou.max(dim=1, keepdim=True).values  # (G, 1)
+        is_best_anchor = ((iou == best_iou_per_box) & (best_iou_per_box > 0)).any(dim=0)  # (R,)
+        best_matches = matches.clone()
+    matches[best_iou < fg_iou] = IGNORED
+    matches[best_iou < bg_iou] = BACKGROUND
+    if allow_low_quality_matches:
+        matches = torch.where(is_best_anchor, best_matches, matches)
+    return matches
+
+
+def match_batch(anchors: torch.Tensor, annotations: torch.Tensor, **match_kwargs) -> torch.Tensor:
+    """Match the (R, 4) anchors to each image's rows of (B, G, 5) annotations; returns (B, R) int64 row indices.
+
+    Rows whose class is negative are padding and match nothing.
+    """
+    return torch.stack(
+        [match_anchors(anchors, boxes[:, :4], boxes[:, 4] >= 0, **match_kwargs) for boxes in annotations]
+    )  # (B, R)
+
+
+class RetinaNetLoss(nn.Module):
+    """Classification (focal) and box regression losses of a batch, normalised by the foreground anchor count.
+
+    Paper defaults throughout; two alternatives that detectron2 offers are options:
+    - box_loss="giou": generalized IoU loss on decoded boxes (Rezatofighi et al. 2019; detectron2's
+      `bbox_reg_loss_type="giou"`) instead of the paper's smooth L1 on encoded offsets.
+    - loss_normalizer="ema": divide by an exponential moving average of the foreground count (detectron2's
+      `loss_normalizer_momentum=0.9`), steadier than the per-batch count with small batches.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.25,  # §3.2 Eq. 5 / §5.1: "α = 0.25 works best" with γ = 2
+        gamma: float = 2.0,  # §3.2 Eq. 5 / §5.1: "γ = 2 works well in practice"
+        fg_iou: float = 0.5,  # §4: "an IoU threshold of 0.5"
+        bg_iou: float = 0.4,  # §4: "background if their IoU is in [0, 0.4)"
+        allow_low_quality_matches: bool = True,
+        box_coder_std: tuple[float, ...] = BOX_CODER_STD,
+        smooth_l1_beta: float = 1 / 9,  # §3.3 "standard smooth L1 loss"; β = 1/9 as in Detectron's RetinaNet
+        box_loss: str = "smooth_l1",
+        loss_normalizer: str = "batch",
+        loss_normalizer_momentum: float = 0.9,
+    ):
+        super().__init__()
+        if box_loss not in ("smooth_l1", "giou"):
+            raise ValueError(f"box_loss must be 'smooth_l1' or 'giou', got {box_loss!r}")
+        if loss_normalizer not in ("batch", "ema"):
+            raise ValueError(f"loss_normalizer must be 'batch' or 'ema', got {loss_normalizer!r}")
+        self.alpha, self.gamma = alpha, gamma
+        self.match_kwargs = dict(fg_iou=fg_iou, bg_iou=bg_iou, allow_low_quality_matches=allow_low_quality_matches)
+        self.box_coder_std = tuple(box_coder_std)
+        self.smooth_l1_beta = smooth_l1_beta
+        self.box_loss = box_loss
+        self.loss_normalizer = loss_normalizer
+        self.loss_normalizer_momentum = loss_normalizer_momentum
+        self.register_buffer("foreground_ema", torch.tensor(100.0), persistent=False)  # detectron2's start value
+
+    def normalizer(self, num_foreground: torch.Tensor) -> torch.Tensor:
+        """§3.3: "normalized by the number of anchors assigned to a ground-truth box" (at least 1)."""
+        if self.loss_normalizer == "batch":
+            return num_foreground.clamp(min=1)
+        if self.training:
+            momentum = self.loss_normalizer_momentum
+            self.foreground_ema.mul_(momentum).add_((1 - momentum) * num_foreground)
+        return self.foreground_ema.clamp(min=1)
+
+    def forward(
+        self,
+        cls_logits: torch.Tensor,
+        box_deltas: torch.Tensor,
+        anchors: torch.Tensor,
+        annotations: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Losses for (B, R, K) class logits and (B, R, 4) box offsets given (R, 4) anchors and (B, G, 5)
+        annotations (x1, y1, x2, y2, class index; padding rows -1). Returns two scalars."""
+        cls_logits, box_deltas = cls_logits.float(), box_deltas.float()  # losses in fp32 under autocast
+        if annotations.shape[1] == 0:  # no boxes in the whole batch: one padding row keeps the gather valid
+            annotations = F.pad(annotations, (0, 0, 0, 1), value=-1.0)  # (B, 0, 5) -> (B, 1, 5)
+        matches = match_batch(anchors, annotations, **self.match_kwargs)  # (B, R)
+        foreground = matches >= 0  # (B, R)
+        not_ignored = matches != IGNORED  # (B, R)
+        matched = torch.gather(
+            annotations, 1, matches.clamp(min=0)[..., None].expand(-1, -1, annotations.shape[-1])
+        )  # (B, R, 5): each anchor's box (meaningful only where foreground)
+        normalizer = self.normalizer(foreground.sum().to(cls_logits.dtype))
+
+        cls_targets = torch.zeros_like(cls_logits)  # (B, R, K)
+        fg_labels = matched[foreground][:, 4].long()  # (F,), F foreground anchors in the batch
+        cls_targets[foreground] = F.one_hot(fg_labels, cls_logits.shape[-1]).to(cls_logits.dtype)
+        cls_loss = focal_loss(cls_logits, cls_targets, self.alpha, self.gamma)  # (B, R, K)
+        cls_loss = (cls_loss * not_ignored[..., None]).sum() / normalizer
+
+        fg_anchors = anchors[None].expand_as(box_deltas)[foreground]  # (F, 4)
+        box_loss = self.regression_loss(box_deltas[foreground], fg_anchors, matched[foreground][:, :4])
+        return cls_loss, box_loss / normalizer
+
+    def regression_loss(self, deltas: torch.Tensor, anchors: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
+        """Summed box loss of (F, 4) predicted offsets of foreground anchors against their (F, 4) boxes."""
+        if self.box_loss == "giou":
+            predicted = decode(anchors, deltas, self.box_coder_std)
+            return generalized_box_iou_loss(predicted, gt_boxes, reduction="sum")
+        targets = encode(anchors, gt_boxes, self.box_coder_std)
+        return F.smooth_l1_loss(deltas, targets, beta=self.smooth_l1_beta, reduction="sum")

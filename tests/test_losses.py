@@ -1,0 +1,142 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.ops import sigmoid_focal_loss
+
+from retinanet.boxes import MAX_LOG_SCALE, decode, encode
+from retinanet.losses import BACKGROUND, IGNORED, RetinaNetLoss, focal_loss, match_anchors
+
+
+def test_focal_loss_equals_torchvision():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 100, 7, generator=generator) * 4
+    targets = (torch.rand(4, 100, 7, generator=generator) > 0.9).float()
+    for alpha, gamma in [(0.25, 2.0), (0.5, 0.0), (-1, 1.5)]:
+        expected = sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="none")
+        torch.testing.assert_close(focal_loss(logits, targets, alpha, gamma), expected)
+
+
+def test_focal_loss_with_gamma_0_alpha_half_is_half_the_cross_entropy():
+    logits = torch.linspace(-30, 30, 61)
+    targets = (torch.arange(61) % 2).float()
+    expected = F.binary_cross_entropy_with_logits(logits, targets, reduction="none") / 2
+    torch.testing.assert_close(focal_loss(logits, targets, alpha=0.5, gamma=0.0), expected)
+
+
+def test_focal_loss_is_finite_for_extreme_logits():
+    logits = torch.tensor([-200.0, 200.0, -200.0, 200.0])
+    targets = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    loss = focal_loss(logits, targets)
+    assert torch.isfinite(loss).all()
+    # A confident mistake costs α_t * 1 * 200: 0.25 * 200 for the positive, 0.75 * 200 for the negative.
+    torch.testing.assert_close(loss, torch.tensor([50.0, 150.0, 0.0, 0.0]))
+
+
+def test_encode_by_hand():
+    anchor = torch.tensor([[0.0, 0.0, 10.0, 20.0]])  # centre (5, 10), 10 x 20
+    box = torch.tensor([[2.0, 4.0, 22.0, 24.0]])  # centre (12, 14), 20 x 20
+    expected = torch.tensor([[(12 - 5) / 10 / 0.1, (14 - 10) / 20 / 0.1, math.log(2) / 0.2, 0.0]])
+    torch.testing.assert_close(encode(anchor, box), expected)
+
+
+def test_encode_decode_round_trip():
+    generator = torch.Generator().manual_seed(1)
+    xy = torch.rand(50, 2, generator=generator) * 500
+    anchors = torch.cat([xy, xy + 8 + torch.rand(50, 2, generator=generator) * 300], dim=1)
+    xy = torch.rand(50, 2, generator=generator) * 500
+    boxes = torch.cat([xy, xy + 1 + torch.rand(50, 2, generator=generator) * 300], dim=1)
+    torch.testing.assert_close(decode(anchors, encode(anchors, boxes)), boxes, rtol=1e-5, atol=1e-3)
+
+
+def test_decode_clamps_huge_scales():
+    anchors = torch.tensor([[0.0, 0.0, 16.0, 16.0]])
+    boxes = decode(anchors, torch.tensor([[0.0, 0.0, 1e4, 1e4]]))
+    assert torch.isfinite(boxes).all()
+    # The width is capped at 16 * exp(MAX_LOG_SCALE) = 1000
+    torch.testing.assert_close(boxes[0, 2] - boxes[0, 0], torch.tensor(16 * math.exp(MAX_LOG_SCALE)))
+
+
+def test_matching_thresholds_and_ignore_band_by_hand():
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0], [100.0, 100.0, 110.0, 110.0]])
+    anchors = torch.tensor(
+        [
+            [0.0, 0.0, 10.0, 10.0],  # IoU 1.0 with box 0 -> box 0
+            [0.0, 0.0, 10.0, 5.0],  # IoU 0.5 with box 0 -> box 0 (">= 0.5")
+            [0.0, 0.0, 10.0, 4.5],  # IoU 0.45 -> ignored
+            [0.0, 0.0, 10.0, 4.0],  # IoU 0.4 -> ignored ("[0, 0.4)" is background)
+            [0.0, 0.0, 10.0, 2.0],  # IoU 0.2 -> background
+            [100.0, 100.0, 110.0, 103.0],  # IoU 0.3 with box 1: background, unless low-quality matches
+            [100.0, 100.0, 110.0, 102.0],  # IoU 0.2 with box 1 -> background
+            [500.0, 500.0, 510.0, 510.0],  # no overlap -> background
+        ]
+    )
+    valid = torch.tensor([True, True])
+    strict = match_anchors(anchors, gt, valid, allow_low_quality_matches=False)
+    assert strict.tolist() == [0, 0, IGNORED, IGNORED, BACKGROUND, BACKGROUND, BACKGROUND, BACKGROUND]
+    low_quality = match_anchors(anchors, gt, valid)
+    assert low_quality.tolist() == [0, 0, IGNORED, IGNORED, BACKGROUND, 1, BACKGROUND, BACKGROUND]
+
+
+def test_matching_ignores_padding_and_empty_images():
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    padded = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    assert match_anchors(anchors, padded, torch.tensor([False])).tolist() == [BACKGROUND]
+    assert match_anchors(anchors, torch.zeros(0, 4), torch.zeros(0, dtype=torch.bool)).tolist() == [BACKGROUND]
+
+
+def make_batch():
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 4.5], [50.0, 50.0, 60.0, 60.0]])
+    annotations = torch.tensor(
+        [
+            [[0.0, 0.0, 10.0, 10.0, 1.0], [-1.0, -1.0, -1.0, -1.0, -1.0]],
+            [[-1.0, -1.0, -1.0, -1.0, -1.0], [-1.0, -1.0, -1.0, -1.0, -1.0]],
+        ]
+    )
+    return anchors, annotations
+
+
+def test_loss_by_hand_on_a_tiny_batch():
+    anchors, annotations = make_batch()
+    cls_logits = torch.zeros(2, 3, 2)  # p = 0.5 everywhere
+    deltas = torch.zeros(2, 3, 4)
+    cls_loss, box_loss = RetinaNetLoss()(cls_logits, deltas, anchors, annotations)
+    # One foreground anchor (image 0, anchor 0, class 1); anchor 1 of image 0 is ignored (IoU 0.45).
+    # At p = 0.5: FL = α_t * 0.5² * log 2 for every counted element.
+    positive = 0.25 * 0.25 * math.log(2)
+    negative = 0.75 * 0.25 * math.log(2)
+    # image 0: anchor 0 has 1 positive + 1 negative; anchor 2 has 2 negatives; image 1: 3 anchors x 2 negatives
+    expected = positive + negative * (1 + 2 + 6)
+    torch.testing.assert_close(cls_loss, torch.tensor(expected))
+    torch.testing.assert_close(box_loss, torch.tensor(0.0))  # the anchor is the box: zero offsets
+
+
+def test_empty_annotations_give_finite_loss_and_zero_regression():
+    anchors, _ = make_batch()
+    generator = torch.Generator().manual_seed(0)
+    cls_logits = torch.randn(2, 3, 2, generator=generator, requires_grad=True)
+    deltas = torch.randn(2, 3, 4, generator=generator, requires_grad=True)
+    for annotations in (torch.full((2, 3, 5), -1.0), torch.zeros(2, 0, 5)):
+        cls_loss, box_loss = RetinaNetLoss()(cls_logits, deltas, anchors, annotations)
+        assert torch.isfinite(cls_loss) and cls_loss > 0
+        assert box_loss.item() == 0.0
+        (cls_loss + box_loss).backward()
+
+
+def test_giou_box_loss_and_ema_normalizer():
+    anchors, annotations = make_batch()
+    deltas = torch.zeros(2, 3, 4)
+    deltas[0, 0] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # moves the box by 0.1 * 10 = 1 px in x
+    loss = RetinaNetLoss(box_loss="giou", loss_normalizer="ema")
+    _, box_loss = loss(torch.zeros(2, 3, 2), deltas, anchors, annotations)
+    # Boxes [1, 0, 11, 10] and [0, 0, 10, 10]: IoU = 90 / 110, hull = 110 = union, so GIoU loss = 1 - 9/11.
+    # EMA normaliser: 0.9 * 100 + 0.1 * 1 = 90.1 foreground anchors.
+    torch.testing.assert_close(box_loss, torch.tensor((1 - 9 / 11) / 90.1))
+
+
+def test_loss_rejects_unknown_options():
+    with pytest.raises(ValueError, match="box_loss"):
+        RetinaNetLoss(box_loss="l2")
+    with pytest.raises(ValueError, match="loss_normalizer"):
+        RetinaNetLoss(loss_normalizer="none")

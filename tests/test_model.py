@@ -1,0 +1,184 @@
+import math
+
+import pytest
+import torch
+import torchvision
+
+from retinanet.anchors import Anchors
+from retinanet.model import RetinaNet, build_retinanet, resnet18, resnet50
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    return resnet18(num_classes=3)
+
+
+def test_prior_initialization_gives_probability_pi(small_model):
+    bias = small_model.classificationModel.output.bias
+    torch.testing.assert_close(torch.sigmoid(bias), torch.full_like(bias, 0.01))
+    model = resnet18(num_classes=2, prior=0.1)
+    torch.testing.assert_close(torch.sigmoid(model.classificationModel.output.bias), torch.full((18,), 0.1))
+    # With σ = 0.01 weights, every anchor starts out near π: the point of the prior (§3.3).
+    small_model.eval()
+    with torch.no_grad():
+        features = small_model.fpn(*small_model.backbone_features(torch.randn(1, 3, 64, 64)))
+        probabilities = torch.sigmoid(small_model.classificationModel(features[0]))
+    assert abs(probabilities.mean().item() - 0.01) < 0.002
+
+
+def test_head_init_is_gaussian_with_sigma_001(small_model):
+    weight = small_model.regressionModel.conv2.weight
+    assert abs(weight.std().item() - 0.01) < 0.0005
+    assert small_model.regressionModel.conv2.bias.abs().max().item() == 0.0
+
+
+def test_head_output_shapes_follow_the_anchor_order(small_model):
+    features = torch.randn(2, 256, 5, 7)
+    assert small_model.classificationModel(features).shape == (2, 5 * 7 * 9, 3)
+    assert small_model.regressionModel(features).shape == (2, 5 * 7 * 9, 4)
+    # Output channel a*K + k at (y, x) must land at row (y*W + x)*A + a, column k.
+    raw = []
+    hook = small_model.classificationModel.output.register_forward_hook(lambda m, i, out: raw.append(out))
+    with torch.no_grad():
+        flat = small_model.classificationModel(features)  # (B, H*W*A, K)
+    hook.remove()
+    y, x, a, k = 3, 4, 5, 2
+    assert flat[1, (y * 7 + x) * 9 + a, k] == raw[0][1, a * 3 + k, y, x]
+
+
+def test_frozen_batchnorm_stays_frozen_after_train():
+    model = resnet18(num_classes=2, freeze_bn=True)
+    model.train()
+    batchnorms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert batchnorms and all(not bn.training for bn in batchnorms)
+    assert all(not bn.weight.requires_grad and not bn.bias.requires_grad for bn in batchnorms)
+    before = model.bn1.running_mean.clone()
+    model(torch.randn(2, 3, 64, 64), torch.full((2, 1, 5), -1.0))
+    torch.testing.assert_close(model.bn1.running_mean, before)
+
+
+def test_batchnorm_trains_from_scratch_by_default():
+    model = resnet18(num_classes=2)
+    model.train()
+    assert not model.bn_frozen and model.bn1.training and model.bn1.weight.requires_grad
+
+
+def test_pretrained_from_a_local_file_loads_the_backbone(tmp_path):
+    reference = torchvision.models.resnet18()
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    model = resnet18(num_classes=2, pretrained=str(path))
+    torch.testing.assert_close(model.layer3[1].conv2.weight, reference.layer3[1].conv2.weight)
+    assert model.bn_frozen  # pretrained -> frozen BatchNorm by default
+
+
+def test_pretrained_of_the_wrong_depth_is_refused(tmp_path):
+    path = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34().state_dict(), path)
+    with pytest.raises(ValueError, match="ResNet-18"):
+        resnet18(num_classes=2, pretrained=str(path))
+
+
+def test_invalid_depth_and_classes_are_refused():
+    with pytest.raises(ValueError, match="depth"):
+        RetinaNet(num_classes=2, depth=42)
+    with pytest.raises(ValueError, match="num_classes"):
+        RetinaNet(num_classes=0, depth=18)
+
+
+def yhenon_keys_and_shapes(num_classes: int) -> dict[str, tuple]:
+    """The state dict of yhenon/pytorch-retinanet's ResNet-50 model: torchvision's ResNet-50 without `fc`, then
+    its FPN and subnets (public key list of its published COCO checkpoint)."""
+    shapes = {k: tuple(v.shape) for k, v in torchvision.models.resnet50().state_dict().items() if not k.startswith("fc.")}
+    fpn = {"P5_1": (256, 2048, 1, 1), "P5_2": (256, 256, 3, 3), "P4_1": (256, 1024, 1, 1), "P4_2": (256, 256, 3, 3),
+           "P3_1": (256, 512, 1, 1), "P3_2": (256, 256, 3, 3), "P6": (256, 2048, 3, 3), "P7_2": (256, 256, 3, 3)}
+    for name, shape in fpn.items():
+        shapes[f"fpn.{name}.weight"], shapes[f"fpn.{name}.bias"] = shape, (256,)
+    for head, outputs in (("regressionModel", 9 * 4), ("classificationModel", 9 * num_classes)):
+        for conv in ("conv1", "conv2", "conv3", "conv4"):
+            shapes[f"{head}.{conv}.weight"], shapes[f"{head}.{conv}.bias"] = (256, 256, 3, 3), (256,)
+        shapes[f"{head}.output.weight"], shapes[f"{head}.output.bias"] = (outputs, 256, 3, 3), (outputs,)
+    return shapes
+
+
+def test_state_dict_is_compatible_with_yhenon_checkpoints():
+    model = resnet50(num_classes=80)
+    expected = yhenon_keys_and_shapes(80)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert ours == expected
+    state = {k: torch.randn(shape) if len(shape) else torch.tensor(0) for k, shape in expected.items()}
+    model.load_state_dict(state, strict=True)
+
+
+def test_training_forward_returns_two_scalars(small_model):
+    small_model.train()
+    annotations = torch.tensor([[[8.0, 8.0, 40.0, 50.0, 1.0]], [[-1.0, -1.0, -1.0, -1.0, -1.0]]])
+    cls_loss, box_loss = small_model(torch.randn(2, 3, 64, 64), annotations)
+    assert cls_loss.shape == () and box_loss.shape == ()
+    assert math.isfinite(cls_loss.item()) and math.isfinite(box_loss.item())
+
+
+def fake_level_outputs(batch: int, num_anchors_per_level, num_classes: int):
+    return ([torch.full((batch, n, num_classes), -10.0) for n in num_anchors_per_level],
+            [torch.zeros(batch, n, 4) for n in num_anchors_per_level])
+
+
+def test_detect_suppresses_per_class_and_handles_empty_images():
+    model = RetinaNet(num_classes=3, depth=18)
+    anchors = Anchors().per_level(64, 64)
+    cls_logits, box_deltas = fake_level_outputs(2, [a.shape[0] for a in anchors], 3)
+    # Image 0: P3 anchors 3 and 3+9 (1:1 anchors of neighbouring cells, IoU 24/40 = 0.6) both say class 1,
+    # anchor 3 also says class 2. Image 1: nothing above the threshold.
+    cls_logits[0][0, 3, 1] = 3.0
+    cls_logits[0][0, 12, 1] = 2.0
+    cls_logits[0][0, 3, 2] = 1.0
+    detections = model.detect(cls_logits, box_deltas, anchors, (64, 64))
+    assert len(detections) == 2
+    first, second = detections
+    assert first["labels"].tolist() == [1, 2]  # anchor 12's class-1 box is suppressed by anchor 3's (IoU 0.6 > 0.5)
+    torch.testing.assert_close(first["scores"], torch.sigmoid(torch.tensor([3.0, 1.0])))
+    torch.testing.assert_close(first["boxes"], torch.tensor([[0.0, 0.0, 20.0, 20.0]] * 2))  # clipped at 0
+    assert second["boxes"].shape == (0, 4) and second["scores"].shape == (0,) and second["labels"].shape == (0,)
+    assert second["labels"].dtype == torch.int64
+
+
+def test_detect_keeps_at_most_max_detections_and_topk_per_level():
+    model = RetinaNet(num_classes=2, depth=18, max_detections=5, topk_candidates=3)
+    anchors = Anchors().per_level(64, 64)
+    cls_logits = [torch.randn(1, a.shape[0], 2) + 5 for a in anchors]  # everything passes 0.05
+    box_deltas = [torch.zeros(1, a.shape[0], 4) for a in anchors]
+    detections = model.detect(cls_logits, box_deltas, anchors, (64, 64))
+    assert len(detections[0]["scores"]) == 5
+    assert (detections[0]["scores"][:-1] >= detections[0]["scores"][1:]).all()
+
+
+def test_eval_forward_format_for_a_batch_of_two(small_model):
+    small_model.eval()
+    with torch.no_grad():
+        detections = small_model(torch.randn(2, 3, 96, 64))
+    assert len(detections) == 2
+    for d in detections:
+        assert set(d) == {"boxes", "scores", "labels"}
+        assert d["boxes"].shape[1:] == (4,) and d["labels"].dtype == torch.int64
+
+
+def test_model_overfits_one_tiny_batch():
+    torch.manual_seed(0)
+    model = build_retinanet(18, num_classes=2)
+    images = torch.randn(2, 3, 96, 96)
+    annotations = torch.tensor(
+        [[[10.0, 10.0, 50.0, 60.0, 0.0], [60.0, 40.0, 90.0, 90.0, 1.0]],
+         [[20.0, 30.0, 80.0, 70.0, 1.0], [-1.0, -1.0, -1.0, -1.0, -1.0]]]
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    losses = []
+    for _ in range(30):
+        cls_loss, box_loss = model(images, annotations)
+        optimizer.zero_grad()
+        (cls_loss + box_loss).backward()
+        optimizer.step()
+        losses.append((cls_loss + box_loss).item())
+    assert all(math.isfinite(loss) for loss in losses)
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
