@@ -202,6 +202,12 @@ class RetinaNet(ResNet):
         if num_classes < 1:
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")
         self.num_classes = num_classes
+        # The primitive constructor arguments, stored in checkpoints so a model can be rebuilt as it was trained.
+        self.settings = dict(
+            num_classes=num_classes, depth=depth, prior=prior, score_threshold=score_threshold,
+            topk_candidates=topk_candidates, nms_threshold=nms_threshold, max_detections=max_detections,
+            box_coder_std=tuple(box_coder_std),
+        )
         self.score_threshold = score_threshold
         self.topk_candidates = topk_candidates
         self.nms_threshold = nms_threshold
