@@ -1,0 +1,145 @@
+"""COCO evaluation of a RetinaNet (the paper's main metric, §5: AP averaged over IoU thresholds 0.5:0.95, with
+AP50, AP75 and AP by object size as in Table 2): detections in COCO's results format, written to a JSON file,
+and scored by pycocotools' COCOeval.
+
+    python coco_eval.py --coco_path /data/coco --set_name val2017 --model output/best.pt
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import nn
+
+from retinanet.dataloader import CocoDataset, build_transform
+from retinanet.predict import check_class_names, predict_dataset, resolve_device
+
+MAX_DETECTIONS_PER_IMAGE = 100  # COCOeval's largest maxDets: it never scores more per image
+# The 12 numbers of COCOeval.summarize(), in order (AR@k: recall with at most k detections per image)
+STAT_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
+              "AR@1", "AR@10", "AR@100", "AR_small", "AR_medium", "AR_large")
+
+
+def coco_results(predictions: list[dict[str, np.ndarray]], dataset: CocoDataset) -> list[dict]:
+    """COCO results entries {"image_id", "category_id", "bbox": [x, y, width, height], "score"} from
+    predict_dataset's output (boxes in original pixels), the 100 highest-scoring detections of each image."""
+    if len(predictions) != len(dataset.image_ids):
+        raise ValueError(f"{len(predictions)} predictions for a dataset of {len(dataset.image_ids)} images")
+    results = []
+    for index, prediction in enumerate(predictions):
+        top = np.argsort(-prediction["scores"], kind="stable")[:MAX_DETECTIONS_PER_IMAGE]
+        for box, score, label in zip(prediction["boxes"][top], prediction["scores"][top], prediction["labels"][top]):
+            if int(label) not in dataset.label_to_coco_id:
+                raise ValueError(f"predicted label {int(label)} has no COCO category; the dataset has "
+                                 f"{len(dataset.label_to_coco_id)} classes")
+            x1, y1, x2, y2 = (float(value) for value in box)
+            results.append({
+                "image_id": int(dataset.image_ids[index]),
+                "category_id": int(dataset.label_to_coco_id[int(label)]),
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "score": float(score),
+            })
+    return results
+
+
+def run_cocoeval(coco_gt: COCO, results: list[dict], image_ids: Sequence[int]) -> list[float]:
+    """COCOeval("bbox") of `results` on the images `image_ids`; prints its 12-line summary and returns the 12
+    stats (STAT_NAMES; -1 where the ground truth has no box of that size). No detections at all give zeros."""
+    if len(image_ids) == 0:
+        raise ValueError("no images to evaluate on")
+    if not results:
+        print("no detections at all: every COCO metric is 0")  # pycocotools' loadRes fails on an empty list
+        return [0.0] * len(STAT_NAMES)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' progress and timing lines
+        detections = coco_gt.loadRes([dict(result) for result in results])  # copies: loadRes adds keys to each
+        evaluator = COCOeval(coco_gt, detections, "bbox")
+        evaluator.params.imgIds = list(image_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+    evaluator.summarize()
+    return [float(stat) for stat in evaluator.stats]
+
+
+def write_results(results: list[dict], path: str) -> None:
+    """Write the results JSON to a temporary file, then rename it: a reader never sees half a file."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", encoding="utf-8") as file:
+        json.dump(results, file)
+    os.replace(temporary, path)
+
+
+def results_path(output_dir: str, set_name: str | None) -> str:
+    """`{output_dir}/{set_name}_bbox_results.json`, or `{output_dir}/bbox_results.json` without a set name."""
+    return os.path.join(output_dir, f"{set_name}_bbox_results.json" if set_name else "bbox_results.json")
+
+
+def evaluate_coco(
+    model: nn.Module,
+    dataset: CocoDataset,
+    batch_size: int = 8,
+    output_dir: str = ".",
+    set_name: str | None = None,
+    workers: int = 0,
+) -> list[float]:
+    """Detect on every image of `dataset`, write the detections to results_path(output_dir, set_name), run
+    COCOeval and return its 12 stats (stats[0] is AP@[.5:.95])."""
+    predictions = predict_dataset(model, dataset, batch_size=batch_size, workers=workers)
+    results = coco_results(predictions, dataset)
+    os.makedirs(output_dir, exist_ok=True)
+    path = results_path(output_dir, set_name)
+    write_results(results, path)
+    print(f"wrote {len(results)} detections on {len(dataset)} images to {os.path.abspath(path)}")
+    return run_cocoeval(dataset.coco, results, dataset.image_ids)
+
+
+# ----------------------------------------------------------------------------------------------------- script
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--coco_path", required=True, metavar="PATH", help="COCO root holding annotations/instances_{set}.json and images/{set}/ or {set}/")
+    parser.add_argument("--set_name", default="val2017", help="which set to evaluate on (default val2017)")
+    parser.add_argument("--model", required=True, metavar="CHECKPOINT", help="checkpoint written by train.py, or a bare state dict")
+    parser.add_argument("--output_dir", default=".", metavar="DIR", help="where {set_name}_bbox_results.json is written (default: here)")
+    parser.add_argument("--batch_size", type=int, default=8, help="images per inference batch (default 8)")
+    parser.add_argument("--min_size", type=int, default=800, help="shorter image side after resizing, as in training (paper: 800)")
+    parser.add_argument("--max_size", type=int, default=1333, help="longest image side after resizing, as in training")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--workers", type=int, default=0, help="image loading processes (default 0: load in this process)")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    from retinanet.checkpoint import load_model  # the model code only for the script
+
+    device = resolve_device(args.device)
+    dataset = CocoDataset(args.coco_path, args.set_name, build_transform(False, args.min_size, args.max_size))
+    model, class_names = load_model(args.model, device)
+    check_class_names(class_names, dataset.class_names)
+    print(f"evaluating {args.model} on {len(dataset)} images of COCO {args.set_name} "
+          f"({dataset.num_classes} classes) on {device}")
+    stats = evaluate_coco(model, dataset, batch_size=args.batch_size, output_dir=args.output_dir,
+                          set_name=args.set_name, workers=args.workers)
+    print(f"AP@[.5:.95] {stats[0]:.4f}, AP50 {stats[1]:.4f}, AP75 {stats[2]:.4f}; detections saved in "
+          f"{os.path.abspath(results_path(args.output_dir, args.set_name))}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except ValueError as error:  # bad files or arguments; the message says which
+        print(f"coco_eval.py: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
