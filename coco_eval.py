@@ -18,8 +18,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 
-from retinanet.dataloader import CocoDataset, build_transform
-from retinanet.predict import check_class_names, predict_dataset, resolve_device
+from retinanet.dataloader import CocoDataset
+from retinanet.predict import add_inference_arguments, check_class_names, load_for_inference, predict_dataset
 
 MAX_DETECTIONS_PER_IMAGE = 100  # COCOeval's largest maxDets: it never scores more per image
 # The 12 numbers of COCOeval.summarize(), in order (AR@k: recall with at most k detections per image)
@@ -106,22 +106,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--coco_path", required=True, metavar="PATH", help="COCO root holding annotations/instances_{set}.json and images/{set}/ or {set}/")
     parser.add_argument("--set_name", default="val2017", help="which set to evaluate on (default val2017)")
-    parser.add_argument("--model", required=True, metavar="CHECKPOINT", help="checkpoint written by train.py, or a bare state dict")
     parser.add_argument("--output_dir", default=".", metavar="DIR", help="where {set_name}_bbox_results.json is written (default: here)")
-    parser.add_argument("--batch_size", type=int, default=8, help="images per inference batch (default 8)")
-    parser.add_argument("--min_size", type=int, default=800, help="shorter image side after resizing, as in training (paper: 800)")
-    parser.add_argument("--max_size", type=int, default=1333, help="longest image side after resizing, as in training")
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--workers", type=int, default=0, help="image loading processes (default 0: load in this process)")
+    add_inference_arguments(parser)
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> None:
-    from retinanet.checkpoint import load_model  # the model code only for the script
-
-    device = resolve_device(args.device)
-    dataset = CocoDataset(args.coco_path, args.set_name, build_transform(False, args.min_size, args.max_size))
-    model, class_names = load_model(args.model, device)
+    dataset = CocoDataset(args.coco_path, args.set_name)  # check the annotations before loading the model
+    model, class_names, device, dataset.transform = load_for_inference(args)
     check_class_names(class_names, dataset.class_names)
     print(f"evaluating {args.model} on {len(dataset)} images of COCO {args.set_name} "
           f"({dataset.num_classes} classes) on {device}")

@@ -28,8 +28,8 @@ from matplotlib.figure import Figure
 from torch import nn
 from torchvision.ops import box_iou
 
-from retinanet.dataloader import CSVDataset, DetectionDataset, build_transform
-from retinanet.predict import check_class_names, predict_dataset, resolve_device
+from retinanet.dataloader import CSVDataset, DetectionDataset
+from retinanet.predict import add_inference_arguments, check_class_names, load_for_inference, predict_dataset
 
 # [image][class] -> array: detections (n, 5) x1, y1, x2, y2, score, or annotations (m, 4) x1, y1, x2, y2
 PerImagePerClass = list[list[np.ndarray]]
@@ -293,25 +293,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--csv_annotations", required=True, metavar="CSV", help="CSV annotations to evaluate on: path,x1,y1,x2,y2,class_name")
     parser.add_argument("--csv_classes", required=True, metavar="CSV", help="CSV class list: class_name,id (as used for training)")
-    parser.add_argument("--model", required=True, metavar="CHECKPOINT", help="checkpoint written by train.py, or a bare state dict")
     parser.add_argument("--iou_threshold", type=float, default=0.5, help="IoU a detection needs to match a box (default 0.5)")
     parser.add_argument("--score_threshold", type=float, default=0.05, help="score at which per-class precision and recall are read; AP uses all detections")
-    parser.add_argument("--batch_size", type=int, default=8, help="images per inference batch (default 8)")
-    parser.add_argument("--min_size", type=int, default=800, help="shorter image side after resizing, as in training (paper: 800)")
-    parser.add_argument("--max_size", type=int, default=1333, help="longest image side after resizing, as in training")
     parser.add_argument("--voc07", action="store_true", help="11-point AP of VOC2007 instead of the all-point AP of VOC2010+")
     parser.add_argument("--pr_curves", metavar="DIR", help="save one precision-recall plot (PNG) per class into DIR")
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--workers", type=int, default=0, help="image loading processes (default 0: load in this process)")
+    add_inference_arguments(parser)
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> None:
-    from retinanet.checkpoint import load_model  # the model code only for the script; the metrics above need none
-
-    device = resolve_device(args.device)
-    dataset = CSVDataset(args.csv_annotations, args.csv_classes, build_transform(False, args.min_size, args.max_size))
-    model, class_names = load_model(args.model, device)
+    dataset = CSVDataset(args.csv_annotations, args.csv_classes)  # check the annotations before loading the model
+    model, class_names, device, dataset.transform = load_for_inference(args)
     check_class_names(class_names, dataset.class_names)
     print(f"evaluating {args.model} on {len(dataset)} images of {args.csv_annotations} "
           f"({dataset.num_classes} classes) on {device}")

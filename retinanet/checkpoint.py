@@ -8,10 +8,14 @@ its depth and class count are inferred from the tensors' shapes.
 
 import os
 import pickle
+import re
+from typing import NamedTuple
 
 import torch
 
 from .model import RESNET_LAYOUTS, RetinaNet
+
+WRAPPER_PREFIX = "module."  # what (Distributed)DataParallel adds to every key of the model it wraps
 
 
 def save_checkpoint(checkpoint: dict, path: str) -> None:
@@ -33,10 +37,15 @@ def read_checkpoint(path: str) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        unsafe_global = re.search(r"GLOBAL (\S+)", str(error))
+        found = f"it refers to {unsafe_global[1]}" if unsafe_global else str(error).splitlines()[0]
         raise ValueError(
             f"{path}: refused to load. The file holds Python objects other than tensors and plain values, and "
-            f"unpickling them could run arbitrary code ({str(error).splitlines()[0]}). If you trust the file, "
-            f"re-save only its state dict: torch.save(model.state_dict(), 'weights.pt')."
+            f"unpickling them could run arbitrary code ({found}). A whole pickled model is such a file: "
+            f"yhenon/pytorch-retinanet's train.py saves one with torch.save(retinanet.module, ...). If you trust "
+            f"the file, re-save only its state dict, from where the code that saved it can be imported (for "
+            f"yhenon's, a clone of that repository): python -c \"import torch; model = torch.load('{path}', "
+            f"weights_only=False); torch.save(model.state_dict(), 'weights.pt')\", then use weights.pt."
         ) from error
     except (RuntimeError, EOFError) as error:
         raise ValueError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {error}") from error
@@ -46,8 +55,14 @@ def read_checkpoint(path: str) -> dict:
 
 
 def model_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
-    """The model's state dict in a train.py checkpoint, or the checkpoint itself if it is a bare state dict."""
-    return checkpoint["model"] if "model" in checkpoint else checkpoint
+    """The model's state dict in a train.py checkpoint, or the checkpoint itself if it is a bare state dict.
+
+    Keys saved from a DataParallel or DistributedDataParallel wrapper ("module.conv1.weight") lose the prefix.
+    """
+    state_dict = checkpoint["model"] if "model" in checkpoint else checkpoint
+    if state_dict and all(key.startswith(WRAPPER_PREFIX) for key in state_dict):
+        return {key[len(WRAPPER_PREFIX):]: value for key, value in state_dict.items()}
+    return state_dict
 
 
 def infer_architecture(state_dict: dict[str, torch.Tensor], num_anchors: int = 9) -> tuple[int, int]:
@@ -75,9 +90,21 @@ def build_from_checkpoint(checkpoint: dict) -> RetinaNet:
     return model
 
 
-def load_model(path: str, device: str | torch.device = "cpu") -> tuple[RetinaNet, list[str]]:
-    """A ready RetinaNet in eval mode on `device`, and its class names, from a checkpoint or a bare state dict."""
+class LoadedModel(NamedTuple):
+    """A ready model, its class names (index = label) and the (min_size, max_size) resize it was trained with
+    (None for a bare state dict, which does not say)."""
+
+    model: RetinaNet
+    class_names: list[str]
+    image_size: tuple[int, int] | None
+
+
+def load_model(path: str, device: str | torch.device = "cpu") -> LoadedModel:
+    """A RetinaNet in eval mode on `device`, with its class names and training image size, from a checkpoint
+    written by train.py or a bare state dict."""
     checkpoint = read_checkpoint(path)
     model = build_from_checkpoint(checkpoint)
     class_names = checkpoint.get("class_names") or [str(label) for label in range(model.num_classes)]
-    return model.to(device).eval(), list(class_names)
+    train_args = checkpoint.get("args", {})
+    image_size = (train_args["min_size"], train_args["max_size"]) if "min_size" in train_args else None
+    return LoadedModel(model.to(device).eval(), list(class_names), image_size)

@@ -20,8 +20,8 @@ def test_checkpoint_round_trip_keeps_weights_settings_and_names(tmp_path):
     save_checkpoint({"model": model.state_dict(), "class_names": ["a", "b", "c"],
                      "model_settings": model.settings}, path)
     assert os.listdir(tmp_path) == ["model.pt"]  # the temporary file was renamed away
-    loaded, class_names = load_model(path)
-    assert class_names == ["a", "b", "c"]
+    loaded, class_names, image_size = load_model(path)
+    assert class_names == ["a", "b", "c"] and image_size is None
     assert not loaded.training
     assert loaded.score_threshold == 0.2 and loaded.max_detections == 17
     torch.testing.assert_close(loaded.fpn.P6.weight, model.fpn.P6.weight)
@@ -30,8 +30,8 @@ def test_checkpoint_round_trip_keeps_weights_settings_and_names(tmp_path):
 def test_a_bare_state_dict_loads_with_numbered_class_names(tmp_path):
     path = str(tmp_path / "state_dict.pt")
     torch.save(resnet18(num_classes=2).state_dict(), path)
-    model, class_names = load_model(path)
-    assert model.num_classes == 2 and class_names == ["0", "1"]
+    model, class_names, image_size = load_model(path)
+    assert model.num_classes == 2 and class_names == ["0", "1"] and image_size is None
 
 
 class Payload:
