@@ -18,16 +18,20 @@ ASPECT_RATIOS = (0.5, 1.0, 2.0)  # height / width, §4: "three aspect ratios {1:
 SCALES = (2**0, 2 ** (1 / 3), 2 ** (2 / 3))  # §4: "anchors of sizes {2^0, 2^(1/3), 2^(2/3)}"
 
 
-def base_anchors(size: float, aspect_ratios, scales, dtype, device) -> torch.Tensor:
+def base_anchors(size: float, aspect_ratios, scales, dtype, device, integer: bool = False) -> torch.Tensor:
     """The A = len(aspect_ratios) * len(scales) anchors of one level centred on (0, 0): (A, 4) x1y1x2y2.
 
     An anchor of scale s and aspect ratio r (height / width) has area (s * size)² and width sqrt(area / r).
+    With `integer`, as torchvision: the sides s * size are truncated to integers (32, 40, 50 on P3) and the
+    corners rounded to whole pixels.
     """
+    sides = [int(size * scale) if integer else size * scale for scale in scales]
     ratios = torch.as_tensor(aspect_ratios, dtype=dtype, device=device)
-    sides = size * torch.as_tensor(scales, dtype=dtype, device=device)
+    sides = torch.as_tensor(sides, dtype=dtype, device=device)
     widths = (sides[None, :] / torch.sqrt(ratios[:, None])).reshape(-1)  # (A,), ratio major, scale minor
     heights = (sides[None, :] * torch.sqrt(ratios[:, None])).reshape(-1)  # (A,)
-    return torch.stack([-widths, -heights, widths, heights], dim=1) / 2  # (A, 4)
+    anchors = torch.stack([-widths, -heights, widths, heights], dim=1) / 2  # (A, 4)
+    return anchors.round() if integer else anchors
 
 
 def grid_size(image_size: int, stride: int) -> int:
@@ -50,7 +54,8 @@ class Anchors(nn.Module):
     The cache keeps the `max_cached` most recent sizes: multi-scale training meets a few dozen padded sizes.
 
     `centre_offset` = 0.5 puts the anchor of cell (i, j) at ((j + 0.5) * stride, (i + 0.5) * stride), the centre
-    of the cell in input pixels (Detectron, yhenon); torchvision uses 0.
+    of the cell in input pixels (Detectron, yhenon); torchvision uses 0. `integer_anchors` gives torchvision's
+    whole-pixel anchors (see base_anchors).
     """
 
     def __init__(
@@ -59,6 +64,7 @@ class Anchors(nn.Module):
         aspect_ratios=ASPECT_RATIOS,
         scales=SCALES,
         centre_offset: float = 0.5,
+        integer_anchors: bool = False,
         max_cached: int = 32,
     ):
         super().__init__()
@@ -68,6 +74,7 @@ class Anchors(nn.Module):
         self.aspect_ratios = tuple(aspect_ratios)
         self.scales = tuple(scales)
         self.centre_offset = centre_offset
+        self.integer_anchors = integer_anchors
         self.max_cached = max_cached
         self._cache: dict[tuple, list[torch.Tensor]] = {}
 
@@ -84,7 +91,7 @@ class Anchors(nn.Module):
                 self._cache.pop(next(iter(self._cache)))  # dicts keep insertion order: drop the oldest
             self._cache[key] = [
                 shifted_anchors(
-                    base_anchors(size, self.aspect_ratios, self.scales, dtype, device),
+                    base_anchors(size, self.aspect_ratios, self.scales, dtype, device, self.integer_anchors),
                     grid_size(image_height, stride),
                     grid_size(image_width, stride),
                     stride,

@@ -1,0 +1,130 @@
+"""torchvision's RetinaNet weights as a checkpoint of this project, detecting exactly as in torchvision.
+
+torchvision's `retinanet_resnet50_fpn` (v1; COCO_V1 weights, 36.4 box AP on COCO val2017) is the paper's ResNet-50
+RetinaNet (§3.3, §4) with a few choices of its own. Each is a RetinaNet setting here (TORCHVISION_SETTINGS),
+saved in the checkpoint and replayed by checkpoint.build_from_checkpoint, so nothing about torchvision is hidden
+in the model code. Its parameters only need new names; its BatchNorm epsilon is folded into the weights.
+
+yhenon/pytorch-retinanet's state dicts need no conversion: its parameter names are this project's.
+"""
+
+import torch
+from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
+
+from .model import RetinaNet
+
+# torchvision's RetinaNet where it differs from the paper's defaults (score threshold 0.05, 1000 candidates per
+# level and NMS 0.5 are the same there).
+TORCHVISION_SETTINGS = dict(
+    depth=50,
+    p6_from="p5",  # LastLevelP6P7(256, 256): P6 from the 256-channel P5, not from C5 (footnote 2)
+    anchor_centre_offset=0.0,  # AnchorGenerator shifts anchors by arange(grid) * stride: the cells' corners
+    integer_anchors=True,  # sizes (x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3))), base_anchors.round()
+    box_coder_std=(1.0, 1.0, 1.0, 1.0),  # BoxCoder(weights=(1.0, 1.0, 1.0, 1.0)): raw R-CNN deltas
+    max_detections=300,  # detections_per_img=300
+)
+# torchvision runs the COCO_V1 weights with FrozenBatchNorm2d's eps set to 0 (overwrite_eps, pytorch/vision#2933)
+COCO_V1_BATCHNORM_EPS = 0.0
+BATCHNORM_EPS = 1e-5  # nn.BatchNorm2d's default, which this project's ResNet uses
+NUM_ANCHORS = 9  # A: torchvision's anchor generator has 3 sizes x 3 aspect ratios per level, as the paper (§4)
+COCO_OUTPUTS = 91  # torchvision's COCO models: one output per COCO category id 0..90 (see coco_labels)
+# torchvision's module names -> ours
+EXTRA_LEVELS = {"p6": "P6", "p7": "P7_2"}
+HEADS = {"classification_head": "classificationModel", "regression_head": "regressionModel"}
+
+
+def coco_labels() -> tuple[list[int], list[str]]:
+    """torchvision's COCO label indices that are categories, and their names, in order.
+
+    torchvision's COCO model has 91 outputs, one per COCO category id: 0 is "__background__" and the ten ids that
+    COCO never used are "N/A", none of which is ever a positive in training. This project labels classes 0..K-1
+    by sorted category id (dataloader.CocoDataset), so torchvision's label `coco_labels()[0][i]` is our label i.
+    """
+    categories = RetinaNet_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
+    labels = [label for label, name in enumerate(categories) if name not in ("__background__", "N/A")]
+    return labels, [categories[label] for label in labels]
+
+
+def our_key(key: str) -> str:
+    """This project's name of a parameter of torchvision's RetinaNet. Both of torchvision's layouts are read:
+    since torchvision 0.13 each FPN and head conv is wrapped in a Conv2dNormActivation ("conv.1.0.weight"); the
+    published COCO_V1 file predates that ("conv.2.weight": the ReLUs sit at the odd indices)."""
+    parts = key.split(".")
+    if key.startswith("backbone.body."):  # torchvision's ResNet-50: the same names as ours
+        return key.removeprefix("backbone.body.")
+    if key.startswith("backbone.fpn.extra_blocks."):
+        return f"fpn.{EXTRA_LEVELS[parts[3]]}.{parts[-1]}"
+    if key.startswith(("backbone.fpn.inner_blocks.", "backbone.fpn.layer_blocks.")):
+        level = int(parts[3]) + 3  # blocks 0, 1, 2 act on C3, C4, C5
+        conv = "1" if parts[2] == "inner_blocks" else "2"  # 1x1 lateral, 3x3 output
+        return f"fpn.P{level}_{conv}.{parts[-1]}"
+    if key.startswith("head.") and parts[1] in HEADS:
+        head = HEADS[parts[1]]
+        if parts[2] in ("cls_logits", "bbox_reg"):
+            return f"{head}.output.{parts[-1]}"
+        if len(parts) == 5:  # conv.2i.weight: Sequential(Conv2d, ReLU, Conv2d, ReLU, ...)
+            return f"{head}.conv{int(parts[3]) // 2 + 1}.{parts[-1]}"
+        if parts[4] == "0":  # conv.i.0.weight: the Conv2d of Conv2dNormActivation i
+            return f"{head}.conv{int(parts[3]) + 1}.{parts[-1]}"
+    raise ValueError(f"{key!r} is not a parameter of torchvision's retinanet_resnet50_fpn (v1; the GroupNorm "
+                     f"heads of retinanet_resnet50_fpn_v2 have no counterpart here)")
+
+
+def fold_batchnorm_eps(state_dict: dict[str, torch.Tensor], source_eps: float) -> None:
+    """Rescale each BatchNorm weight in place so that weight / sqrt(var + BATCHNORM_EPS) here equals the source's
+    weight / sqrt(var + source_eps), and add the num_batches_tracked counter that FrozenBatchNorm2d lacks."""
+    for key in [key for key in state_dict if key.endswith(".running_var")]:
+        prefix = key.removesuffix("running_var")
+        variance = state_dict[key]
+        state_dict[f"{prefix}weight"] = state_dict[f"{prefix}weight"] * torch.sqrt(
+            (variance + BATCHNORM_EPS) / (variance + source_eps)
+        )
+        state_dict.setdefault(f"{prefix}num_batches_tracked", torch.tensor(0))
+
+
+def keep_classes(state_dict: dict[str, torch.Tensor], labels: list[int]) -> None:
+    """Keep only the classification outputs of `labels` (in that order) in place: output channel a*K + k."""
+    weight = state_dict["classificationModel.output.weight"]  # (A*K, C, 3, 3)
+    bias = state_dict["classificationModel.output.bias"]  # (A*K,)
+    num_classes = weight.shape[0] // NUM_ANCHORS
+    index = torch.tensor(labels)
+    kept_weight = weight.reshape(NUM_ANCHORS, num_classes, *weight.shape[1:])[:, index]  # (A, K', C, 3, 3)
+    state_dict["classificationModel.output.weight"] = kept_weight.flatten(0, 1)  # (A*K', C, 3, 3)
+    kept_bias = bias.reshape(NUM_ANCHORS, num_classes)[:, index]  # (A*K,) -> (A, K) -> (A, K')
+    state_dict["classificationModel.output.bias"] = kept_bias.flatten()  # (A*K',)
+
+
+def convert_torchvision(torchvision_state: dict[str, torch.Tensor], source_eps: float = COCO_V1_BATCHNORM_EPS) -> dict:
+    """A checkpoint of this project ("model", "class_names", "model_settings", as train.py writes) from the state
+    dict of torchvision's `retinanet_resnet50_fpn` (v1).
+
+    91 outputs are taken to be COCO's (torchvision's COCO_V1 weights): the 80 real categories are kept, named as
+    in COCO, so that coco_eval.py maps labels to category ids as for a model trained here. Any other class count
+    is kept as it is, label i being torchvision's label i. `source_eps` is the BatchNorm epsilon torchvision runs
+    the weights with: 0 for COCO_V1, 1e-5 (its default) for weights trained with torchvision.
+
+    Images are normalised as here (ImageNet mean and std of 0..1 RGB). The checkpoint has no training "args", so
+    the evaluation scripts resize to their default 800 / 1333, torchvision's min_size and max_size.
+    """
+    state_dict = {our_key(key): value for key, value in torchvision_state.items()}
+    fold_batchnorm_eps(state_dict, source_eps)
+    num_classes = state_dict["classificationModel.output.bias"].shape[0] // NUM_ANCHORS
+    if num_classes == COCO_OUTPUTS:
+        labels, class_names = coco_labels()
+        keep_classes(state_dict, labels)
+    else:
+        class_names = [str(label) for label in range(num_classes)]
+    settings = dict(TORCHVISION_SETTINGS, num_classes=len(class_names))
+    check_fits(state_dict, settings)
+    return {"model": state_dict, "class_names": class_names, "model_settings": settings}
+
+
+def check_fits(state_dict: dict[str, torch.Tensor], settings: dict) -> None:
+    """Raise a ValueError unless `state_dict` has exactly the tensors, and shapes, of RetinaNet(**settings)."""
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        expected = {key: value.shape for key, value in RetinaNet(**settings).state_dict().items()}
+    found = {key: value.shape for key, value in state_dict.items()}
+    if found != expected:
+        differences = sorted(key for key in expected.keys() | found.keys() if expected.get(key) != found.get(key))
+        raise ValueError(f"not the state dict of torchvision's retinanet_resnet50_fpn (v1): {len(differences)} "
+                         f"tensors missing, unexpected or of another shape, e.g. {differences[:3]}")
