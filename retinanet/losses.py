@@ -20,21 +20,43 @@ BACKGROUND = -1  # IoU below bg_iou with every box: a negative for every class
 IGNORED = -2  # IoU in [bg_iou, fg_iou): "ignored during training" (§4)
 
 
-def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
-    """Element-wise α-balanced focal loss, paper Eq. 5: FL(p_t) = -α_t (1 - p_t)^γ log(p_t).
+class FocalLoss(torch.autograd.Function):
+    """Element-wise α-balanced focal loss, paper Eq. 5, with its gradient written out: autograd would keep about
+    ten intermediate tensors of the logits' size for its backward pass and walk back through each; this keeps
+    one, the gradient, computed along with the loss. Use it through focal_loss."""
 
-    Computed from logits: log(p_t) comes from binary_cross_entropy_with_logits, which is exact where a clamped
-    probability would not be. alpha = 0.25 and gamma = 2 are the paper's choice (§5.1, Table 1a/b); alpha < 0
-    turns the α-balancing off.
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, positive: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
+        z = torch.where(positive, logits, -logits)  # Eq. 2: p_t = p if y = 1 else 1 - p, i.e. p_t = sigmoid(z)
+        # -log(p_t) = log(1 + exp(-z)) = max(-z, 0) + log(1 + exp(-|z|)), so that exp() never overflows. Written
+        # out because torch's softplus and logsigmoid go through log1p, several times slower on CPUs.
+        cross_entropy = F.relu(-z) + torch.log(1 + torch.exp(-z.abs()))
+        one_minus_p_t = torch.sigmoid(-z)
+        modulating_factor = one_minus_p_t**gamma  # Eq. 4: "adding a modulating factor (1 - p_t)^γ"
+        alpha_t = torch.where(positive, alpha, 1 - alpha) if alpha >= 0 else 1.0  # Eq. 3: α for y = 1, 1 - α for 0
+        if ctx.needs_input_grad[0]:
+            # d FL / dz = -α_t (1 - p_t)^γ (γ p_t (-log p_t) + 1 - p_t), from d p_t / dz = p_t (1 - p_t);
+            # dz / dx = 1 if y = 1 else -1.
+            p_t = 1 - one_minus_p_t
+            grad_z = -alpha_t * modulating_factor * (gamma * p_t * cross_entropy + one_minus_p_t)
+            ctx.save_for_backward(torch.where(positive, grad_z, -grad_z))
+        return alpha_t * modulating_factor * cross_entropy
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        (grad_logits,) = ctx.saved_tensors
+        return grad_loss * grad_logits, None, None, None
+
+
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    """Element-wise α-balanced focal loss, paper Eq. 5: FL(p_t) = -α_t (1 - p_t)^γ log(p_t), for targets y in
+    {0, 1} (bool or float) of the logits' shape.
+
+    Computed in logit space, so exact where a clamped probability would not be: with z = x if y = 1 else -x,
+    p_t = sigmoid(z) (Eq. 2), 1 - p_t = sigmoid(-z) and -log(p_t) = log(1 + exp(-z)). alpha = 0.25 and gamma = 2
+    are the paper's choice (§5.1, Table 1a/b); alpha < 0 turns the α-balancing off.
     """
-    p = torch.sigmoid(logits)
-    cross_entropy = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")  # -log(p_t)
-    p_t = p * targets + (1 - p) * (1 - targets)  # Eq. 2: p_t = p if y = 1 else 1 - p
-    loss = cross_entropy * (1 - p_t) ** gamma  # Eq. 4: "adding a modulating factor (1 - p_t)^γ"
-    if alpha >= 0:
-        alpha_t = alpha * targets + (1 - alpha) * (1 - targets)  # Eq. 3: α for class 1, 1 - α for class 0
-        loss = alpha_t * loss
-    return loss
+    return FocalLoss.apply(logits, targets.bool(), alpha, gamma)
 
 
 def match_anchors(
@@ -147,20 +169,27 @@ class RetinaNetLoss(nn.Module):
         )  # (B, R, 5): each anchor's box (meaningful only where foreground)
         normalizer = self.normalizer(foreground.sum().to(cls_logits.dtype))
 
-        cls_targets = torch.zeros_like(cls_logits)  # (B, R, K)
-        fg_labels = matched[foreground][:, 4].long()  # (F,), F foreground anchors in the batch
-        cls_targets[foreground] = F.one_hot(fg_labels, cls_logits.shape[-1]).to(cls_logits.dtype)
-        cls_loss = focal_loss(cls_logits, cls_targets, self.alpha, self.gamma)  # (B, R, K)
-        cls_loss = (cls_loss * not_ignored[..., None]).sum() / normalizer
+        # Both losses are computed at every anchor and masked, not gathered through boolean masks: a gathered size
+        # depends on the data, which on a GPU means waiting for it (a host-device synchronisation).
+        matched_labels = torch.where(foreground, matched[..., 4].long(), BACKGROUND)  # (B, R), -1: no class
+        classes = torch.arange(cls_logits.shape[-1], device=cls_logits.device)  # (K,)
+        # One image at a time: a CPU's memory allocator recycles the (R, K) temporaries of one image, where those
+        # of a whole (B, R, K) batch come back as fresh pages from the OS at every step (3x slower on 2 cores).
+        cls_loss = sum(
+            (focal_loss(logits, labels[:, None] == classes, self.alpha, self.gamma).sum(dim=-1) * counted).sum()
+            for logits, labels, counted in zip(cls_logits, matched_labels, not_ignored)
+        )  # per image: (R, 1) == (K,) -> (R, K) one-hot targets; losses (R, K) -> (R,) -> ()
+        cls_loss = cls_loss / normalizer
 
-        fg_anchors = anchors[None].expand_as(box_deltas)[foreground]  # (F, 4)
-        box_loss = self.regression_loss(box_deltas[foreground], fg_anchors, matched[foreground][:, :4])
-        return cls_loss, box_loss / normalizer
+        # Non-foreground anchors get themselves as target box: a finite, zero-offset term that the mask drops.
+        matched_boxes = torch.where(foreground[..., None], matched[..., :4], anchors)  # (B, R, 4)
+        box_loss = self.regression_loss(box_deltas, anchors, matched_boxes)  # (B, R)
+        return cls_loss, (box_loss * foreground).sum() / normalizer
 
     def regression_loss(self, deltas: torch.Tensor, anchors: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
-        """Summed box loss of (F, 4) predicted offsets of foreground anchors against their (F, 4) boxes."""
+        """Box loss (B, R) of (B, R, 4) predicted offsets from (R, 4) anchors against (B, R, 4) boxes."""
         if self.box_loss == "giou":
-            predicted = decode(anchors, deltas, self.box_coder_std)
-            return generalized_box_iou_loss(predicted, gt_boxes, reduction="sum")
-        targets = encode(anchors, gt_boxes, self.box_coder_std)
-        return F.smooth_l1_loss(deltas, targets, beta=self.smooth_l1_beta, reduction="sum")
+            predicted = decode(anchors, deltas, self.box_coder_std)  # (B, R, 4)
+            return generalized_box_iou_loss(predicted, gt_boxes, reduction="none")
+        targets = encode(anchors, gt_boxes, self.box_coder_std)  # (B, R, 4)
+        return F.smooth_l1_loss(deltas, targets, beta=self.smooth_l1_beta, reduction="none").sum(dim=-1)

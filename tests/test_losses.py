@@ -140,3 +140,24 @@ def test_loss_rejects_unknown_options():
         RetinaNetLoss(box_loss="l2")
     with pytest.raises(ValueError, match="loss_normalizer"):
         RetinaNetLoss(loss_normalizer="none")
+
+
+def test_focal_loss_gradient_matches_autograd_through_torchvision():
+    # FocalLoss writes its gradient out; torchvision's sigmoid_focal_loss is differentiated by autograd.
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 50, 6, generator=generator, dtype=torch.float64) * 5
+    logits[0, :4] = torch.tensor([0.0, -60.0, 60.0, 1e-3], dtype=torch.float64)[:, None]  # z = 0 and far tails
+    targets = (torch.rand(3, 50, 6, generator=generator) > 0.8).double()
+    for alpha, gamma in [(0.25, 2.0), (-1, 0.0), (0.5, 1.5)]:
+        ours = logits.clone().requires_grad_()
+        theirs = logits.clone().requires_grad_()
+        weights = torch.rand(3, 50, 6, generator=generator, dtype=torch.float64)  # a non-uniform upstream gradient
+        (focal_loss(ours, targets, alpha, gamma) * weights).sum().backward()
+        (sigmoid_focal_loss(theirs, targets, alpha, gamma, reduction="none") * weights).sum().backward()
+        torch.testing.assert_close(ours.grad, theirs.grad)
+
+
+def test_focal_loss_gradcheck():
+    logits = torch.tensor([[-3.0, 0.0, 0.5], [2.0, -0.7, 8.0]], dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([[True, False, True], [False, False, True]])
+    assert torch.autograd.gradcheck(lambda x: focal_loss(x, targets, 0.25, 2.0), (logits,))
