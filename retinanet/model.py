@@ -85,8 +85,18 @@ class PyramidFeatures(nn.Module):
     Attribute names (P5_1, P5_2, ...) are those of yhenon/pytorch-retinanet, whose checkpoints load unchanged.
     """
 
-    def __init__(self, c3_channels: int, c4_channels: int, c5_channels: int, feature_size: int = 256):
+    def __init__(
+        self,
+        c3_channels: int,
+        c4_channels: int,
+        c5_channels: int,
+        feature_size: int = 256,
+        p6_from: str = "c5",  # footnote 2: P6 from C5; torchvision's retinanet_resnet50_fpn (v1) takes it from P5
+    ):
         super().__init__()
+        if p6_from not in ("c5", "p5"):
+            raise ValueError(f'p6_from must be "c5" (the paper) or "p5" (torchvision), got {p6_from!r}')
+        self.p6_from = p6_from
         # "_1" convs are the 1x1 lateral connections, "_2" the 3x3 convs that smooth each merged map.
         self.P5_1 = nn.Conv2d(c5_channels, feature_size, kernel_size=1)
         self.P5_2 = nn.Conv2d(feature_size, feature_size, kernel_size=3, padding=1)
@@ -96,7 +106,8 @@ class PyramidFeatures(nn.Module):
         self.P3_2 = nn.Conv2d(feature_size, feature_size, kernel_size=3, padding=1)
         # Footnote 2: "P6 is obtained via a 3×3 stride-2 conv on C5, and P7 is computed by applying ReLU
         # followed by a 3×3 stride-2 conv on P6."
-        self.P6 = nn.Conv2d(c5_channels, feature_size, kernel_size=3, stride=2, padding=1)
+        p6_channels = c5_channels if p6_from == "c5" else feature_size
+        self.P6 = nn.Conv2d(p6_channels, feature_size, kernel_size=3, stride=2, padding=1)
         self.P7_2 = nn.Conv2d(feature_size, feature_size, kernel_size=3, stride=2, padding=1)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
@@ -109,9 +120,10 @@ class PyramidFeatures(nn.Module):
         p5 = self.P5_1(c5)
         p4 = self.P4_1(c4) + F.interpolate(p5, size=c4.shape[-2:], mode="nearest")
         p3 = self.P3_1(c3) + F.interpolate(p4, size=c3.shape[-2:], mode="nearest")
-        p6 = self.P6(c5)
+        outputs = [self.P3_2(p3), self.P4_2(p4), self.P5_2(p5)]
+        p6 = self.P6(c5 if self.p6_from == "c5" else outputs[-1])  # with "p5", the smoothed P5 (as torchvision)
         p7 = self.P7_2(F.relu(p6))
-        return [self.P3_2(p3), self.P4_2(p4), self.P5_2(p5), p6, p7]
+        return outputs + [p6, p7]
 
 
 class Subnet(nn.Module):
@@ -139,7 +151,7 @@ class Subnet(nn.Module):
         """(B, C, H, W) pyramid level -> (B, H*W*A, outputs_per_anchor), in the anchors' order."""
         x = features
         for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
-            x = F.relu(conv(x))
+            x = F.relu(conv(x), inplace=True)  # in place: a conv's backward needs its input, not its output
         x = self.output(x)  # (B, A*outputs, H, W)
         batch, _, height, width = x.shape
         x = x.permute(0, 2, 3, 1)  # (B, H, W, A*outputs)
@@ -194,8 +206,11 @@ class RetinaNet(ResNet):
         topk_candidates: int = 1000,  # §4 "Inference": "at most 1k top-scoring predictions per FPN level"
         nms_threshold: float = 0.5,  # §4 "Inference": "non-maximum suppression with a threshold of 0.5"
         max_detections: int = 100,  # COCO evaluation keeps 100 detections per image
-        box_coder_std: tuple[float, ...] = BOX_CODER_STD,
-        anchors: Anchors | None = None,
+        box_coder_std: tuple[float, ...] = BOX_CODER_STD,  # Detectron's weights (10, 10, 5, 5); torchvision: 1s
+        # Settings of other implementations, so that their weights detect exactly as there (retinanet/convert.py):
+        anchor_centre_offset: float = 0.5,  # anchors at cell centres (Detectron, yhenon); torchvision: 0, cell corners
+        integer_anchors: bool = False,  # torchvision: anchor sides truncated to integers, corners rounded
+        p6_from: str = "c5",  # footnote 2: "P6 is obtained via a 3×3 stride-2 conv on C5"; torchvision v1: "p5"
         loss: RetinaNetLoss | None = None,
     ):
         super().__init__(depth)
@@ -206,16 +221,17 @@ class RetinaNet(ResNet):
         self.settings = dict(
             num_classes=num_classes, depth=depth, prior=prior, score_threshold=score_threshold,
             topk_candidates=topk_candidates, nms_threshold=nms_threshold, max_detections=max_detections,
-            box_coder_std=tuple(box_coder_std),
+            box_coder_std=tuple(box_coder_std), anchor_centre_offset=anchor_centre_offset,
+            integer_anchors=integer_anchors, p6_from=p6_from,
         )
         self.score_threshold = score_threshold
         self.topk_candidates = topk_candidates
         self.nms_threshold = nms_threshold
         self.max_detections = max_detections
         self.box_coder_std = tuple(box_coder_std)
-        self.anchors = anchors or Anchors()
+        self.anchors = Anchors(centre_offset=anchor_centre_offset, integer_anchors=integer_anchors)
         self.loss = loss or RetinaNetLoss(box_coder_std=self.box_coder_std)
-        self.fpn = PyramidFeatures(*self.feature_channels)
+        self.fpn = PyramidFeatures(*self.feature_channels, p6_from=p6_from)
         self.regressionModel = RegressionModel(256, self.anchors.num_anchors)
         self.classificationModel = ClassificationModel(256, num_classes, self.anchors.num_anchors, prior=prior)
         self.bn_frozen = False
@@ -288,6 +304,10 @@ class RetinaNet(ResNet):
         return decode(anchors[anchor_index], deltas, self.box_coder_std), scores, labels
 
 
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be downloaded or found; the message says how to proceed."""
+
+
 def imagenet_state_dict(depth: int, pretrained: bool | str | os.PathLike) -> dict[str, torch.Tensor]:
     """torchvision's ImageNet weights for a ResNet of `depth`, from the torch hub cache, the internet, or a path."""
     if not isinstance(pretrained, bool):
@@ -297,7 +317,7 @@ def imagenet_state_dict(depth: int, pretrained: bool | str | os.PathLike) -> dic
         return weights.get_state_dict(progress=True)
     except (urllib.error.URLError, OSError) as error:
         cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-        raise RuntimeError(
+        raise WeightsUnavailableError(
             f"Could not get the ImageNet weights of ResNet-{depth} ({error}). They are downloaded from "
             f"{weights.url}, and this machine seems to have no internet access. Either train from scratch "
             f"(--no_pretrained in train.py, pretrained=False in Python; BatchNorm then stays trainable), or "
@@ -318,15 +338,37 @@ def load_backbone_weights(model: RetinaNet, state_dict: dict[str, torch.Tensor])
         )
 
 
+# What freeze_at counts, in order: the stem (conv1 + bn1), then the residual stages conv2_x .. conv5_x.
+BACKBONE_STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
+PRETRAINED_FREEZE_AT = 2  # detectron2's FREEZE_AT = 2, torchvision's trainable_backbone_layers = 3
+
+
+def freeze_backbone(model: ResNet, freeze_at: int) -> None:
+    """Stop training the stem and the first freeze_at - 1 residual stages: their parameters get requires_grad False.
+
+    freeze_at = 0 freezes nothing, 1 the stem (conv1, bn1), 2 the stem and layer1, ..., 5 the whole ResNet, as
+    detectron2's FREEZE_AT; torchvision's trainable_backbone_layers is 5 - freeze_at. The first layers' ImageNet
+    filters (edges, colours) transfer as they are, and backpropagation stops before the largest feature maps.
+    BatchNorm running statistics are left to freeze_bn, which build_retinanet applies with pretrained weights.
+    """
+    if not 0 <= freeze_at <= len(BACKBONE_STAGES):
+        raise ValueError(f"freeze_at must be in 0..{len(BACKBONE_STAGES)}, got {freeze_at}")
+    for stage in BACKBONE_STAGES[:freeze_at]:
+        for name in stage:
+            getattr(model, name).requires_grad_(False)
+
+
 def build_retinanet(
     depth: int,
     num_classes: int,
     pretrained: bool | str | os.PathLike = False,
     freeze_bn: bool | None = None,
+    freeze_at: int | None = None,
     **kwargs,
 ) -> RetinaNet:
     """A RetinaNet with a ResNet-`depth` backbone. `pretrained` is False, True (torchvision's ImageNet weights)
-    or a path to such a file; BatchNorm is frozen by default exactly when starting from pretrained weights."""
+    or a path to such a file. By default, starting from pretrained weights freezes BatchNorm and the stem + layer1
+    (freeze_at=2, see freeze_backbone); from scratch everything trains (freeze_at=0)."""
     model = RetinaNet(num_classes, depth=depth, **kwargs)
     if pretrained is not False:
         load_backbone_weights(model, imagenet_state_dict(depth, pretrained))
@@ -334,6 +376,9 @@ def build_retinanet(
         freeze_bn = pretrained is not False  # frozen BatchNorm needs trained statistics: see RetinaNet.freeze_bn
     if freeze_bn:
         model.freeze_bn()
+    if freeze_at is None:
+        freeze_at = PRETRAINED_FREEZE_AT if pretrained is not False else 0  # random filters must all learn
+    freeze_backbone(model, freeze_at)
     return model
 
 

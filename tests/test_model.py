@@ -1,11 +1,13 @@
 import math
+import os
+import urllib.error
 
 import pytest
 import torch
 import torchvision
 
 from retinanet.anchors import Anchors
-from retinanet.model import RetinaNet, build_retinanet, resnet18, resnet50
+from retinanet.model import RetinaNet, WeightsUnavailableError, build_retinanet, resnet18, resnet50
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +184,16 @@ def test_model_overfits_one_tiny_batch():
         losses.append((cls_loss + box_loss).item())
     assert all(math.isfinite(loss) for loss in losses)
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_offline_pretrained_download_fails_with_a_helpful_message(monkeypatch):
+    def no_network(self, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", no_network)
+    with pytest.raises(WeightsUnavailableError) as error:
+        resnet18(num_classes=2, pretrained=True)
+    message = str(error.value)
+    assert "resnet18-f37072fd.pth" in message  # the file to fetch
+    assert "from scratch" in message and "--no_pretrained" in message and "pretrained='PATH'" in message
+    assert os.path.join("hub", "checkpoints") in message  # where to put it

@@ -1,0 +1,51 @@
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+from retinanet.model import build_retinanet, freeze_backbone, resnet18
+
+
+def frozen_names(module: nn.Module) -> set[str]:
+    return {name for name, parameter in module.named_parameters() if not parameter.requires_grad}
+
+
+def stem_and_layer1_names(module: nn.Module) -> set[str]:
+    return {name for name, _ in module.named_parameters() if name.startswith(("conv1.", "bn1.", "layer1."))}
+
+
+@pytest.mark.parametrize("freeze_at", range(6))
+def test_freeze_at_freezes_what_torchvision_trainable_layers_does(freeze_at):
+    # detectron2's FREEZE_AT = N is torchvision's trainable_backbone_layers = 5 - N; the ResNets share names.
+    model = resnet18(num_classes=3)
+    freeze_backbone(model, freeze_at)
+    reference = resnet_fpn_backbone(
+        backbone_name="resnet18", weights=None, norm_layer=nn.BatchNorm2d, trainable_layers=5 - freeze_at
+    ).body
+    assert frozen_names(model) == frozen_names(reference)
+    assert all(name.startswith(("conv1.", "bn1.", "layer")) for name in frozen_names(model))  # never FPN or heads
+
+
+def test_freeze_at_2_freezes_stem_and_layer1_and_keeps_their_gradients_empty():
+    model = resnet18(num_classes=3, freeze_at=2)
+    assert frozen_names(model) == stem_and_layer1_names(model)
+    cls_loss, box_loss = model(torch.randn(2, 3, 64, 64), torch.tensor([[[8.0, 8.0, 40.0, 40.0, 1.0]]] * 2))
+    (cls_loss + box_loss).backward()
+    assert model.layer1[0].conv1.weight.grad is None and model.conv1.weight.grad is None
+    assert model.layer2[0].conv1.weight.grad is not None
+
+
+def test_freeze_at_defaults_to_2_with_pretrained_weights_and_0_from_scratch(tmp_path):
+    assert frozen_names(build_retinanet(18, num_classes=3)) == set()
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    model = build_retinanet(18, num_classes=3, pretrained=str(weights), freeze_bn=False)
+    assert frozen_names(model) == stem_and_layer1_names(model)
+    model = build_retinanet(18, num_classes=3, pretrained=str(weights), freeze_bn=False, freeze_at=0)
+    assert frozen_names(model) == set()
+
+
+def test_freeze_at_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="freeze_at"):
+        resnet18(num_classes=3, freeze_at=6)
