@@ -13,8 +13,10 @@ horizontal image flipping as the only form of data augmentation [...] Weight dec
 """
 
 import argparse
+import contextlib
 import math
 import os
+import signal
 import sys
 import time
 
@@ -24,7 +26,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from retinanet.checkpoint import build_from_checkpoint, model_state_dict, read_checkpoint, save_checkpoint
+from retinanet.check import check_coco, check_csv, report
+from retinanet.checkpoint import (
+    build_from_checkpoint,
+    infer_architecture,
+    model_state_dict,
+    read_checkpoint,
+    save_checkpoint,
+)
 from retinanet.dataloader import (
     AspectRatioBatchSampler,
     CocoDataset,
@@ -34,7 +43,8 @@ from retinanet.dataloader import (
     make_shapes_dataset,
 )
 from retinanet.losses import RetinaNetLoss
-from retinanet.model import build_retinanet
+from retinanet.model import WeightsUnavailableError, build_retinanet
+from visualize import visualize_dataset
 
 # Per-dataset defaults for flags left unset. The demo trains a small network from scratch on small images;
 # COCO follows the paper (ResNet-50, SGD, 800 px, 90k iterations at batch 16).
@@ -70,6 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--depth", type=int, choices=(18, 34, 50, 101, 152), help="ResNet depth")
     model.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="PATH", help="start from ImageNet weights (torchvision's, or a local file)")
     model.add_argument("--no_pretrained", dest="pretrained", action="store_false", help="train the backbone from scratch (BatchNorm stays trainable)")
+    model.add_argument("--freeze_at", type=int, choices=range(6), metavar="{0..5}", help="freeze the stem (1) and the first residual stages (2..5) (default: 2 with pretrained weights, as detectron2; 0 from scratch)")
     model.add_argument("--box_loss", choices=("smooth_l1", "giou"), default="smooth_l1", help="box regression loss (paper: smooth L1)")
     model.add_argument("--loss_normalizer", choices=("batch", "ema"), default="batch", help="divide losses by this batch's foreground count (paper) or its moving average")
 
@@ -97,6 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--checkpoint_every", type=int, default=0, help="also save last.pt every N iterations")
     run.add_argument("--logdir", help="write TensorBoard scalars here")
     run.add_argument("--seed", type=int, default=0, help="random seed")
+    run.add_argument("--skip_nonfinite", action="store_true", help="skip a batch whose loss is NaN or infinite (counted and reported) instead of stopping")
+    run.add_argument("--check_data", action="store_true", help="read every annotation and image, list all problems, and exit (non-zero if training could not start)")
     args = parser.parse_args(argv)
     for name, value in DEFAULTS[args.dataset].items():
         if getattr(args, name) is None:
@@ -156,7 +169,7 @@ def build_model(args, num_classes: int):
     loss = RetinaNetLoss(box_loss=args.box_loss, loss_normalizer=args.loss_normalizer)
     if args.fine_tune:
         return fine_tune_model(args.fine_tune, num_classes, loss)
-    return build_retinanet(args.depth, num_classes, pretrained=args.pretrained, loss=loss)
+    return build_retinanet(args.depth, num_classes, pretrained=args.pretrained, freeze_at=args.freeze_at, loss=loss)
 
 
 def fine_tune_model(path: str, num_classes: int, loss: RetinaNetLoss):
@@ -195,6 +208,44 @@ def lr_factor(iteration: int, total_iters: int, args) -> float:
     return warmup * args.gamma ** sum(iteration >= milestone for milestone in milestones)
 
 
+class StopRequest:
+    """A signal handler for Ctrl-C (SIGINT) and SIGTERM: the first asks the training loop to stop after the current
+    step and save a checkpoint there; a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(batch_shape: torch.Size):
+    """Turn a GPU out-of-memory error into a message that names the batch and says what to lower."""
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        batch_size, _, height, width = batch_shape
+        raise SystemExit(
+            f"error: out of GPU memory on a batch of {batch_size} images of {height}x{width} pixels (padded). Lower "
+            f"--batch_size (the default lr scales with it), or --min_size and --max_size; mixed precision, the default "
+            f"on GPU, needs less memory than --full_precision. ({str(error).splitlines()[0]})"
+        ) from error
+
+
+def check_same_architecture(path: str, state_dict: dict, model) -> None:
+    """Raise ValueError, saying what differs, if a checkpoint's weights do not fit the model of this run."""
+    depth, num_classes = infer_architecture(state_dict)
+    if (depth, num_classes) != (model.depth, model.num_classes):
+        raise ValueError(
+            f"{path}: holds a ResNet-{depth} RetinaNet for {num_classes} classes, but this run builds a "
+            f"ResNet-{model.depth} for {model.num_classes} classes. Resume with the run's own --depth and data, "
+            f"or start from it with --fine_tune to train it on other classes."
+        )
+
+
 class Trainer:
     """The training state and loop: model, optimizer, schedule, mixed precision, checkpoints, logging."""
 
@@ -214,7 +265,8 @@ class Trainer:
         )
         self.amp = device.type == "cuda" and not args.full_precision
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp)
-        self.iteration, self.best_map = 0, -1.0
+        self.iteration, self.best_map, self.skipped_batches = 0, -1.0, 0
+        self.stop = StopRequest()
         self.ddp_model = DistributedDataParallel(self.model) if world_size > 1 else self.model
         self.writer = None
         if args.logdir and rank == 0:
@@ -228,8 +280,10 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "epoch": self.iteration // self.iters_per_epoch,
             "iteration": self.iteration,
             "best_map": self.best_map,
+            "skipped_batches": self.skipped_batches,
             "class_names": list(self.train_set.class_names),
             "model_settings": dict(self.model.settings),
             "args": {k: v for k, v in vars(self.args).items()},
@@ -246,11 +300,13 @@ class Trainer:
         checkpoint = read_checkpoint(path)
         if "optimizer" not in checkpoint:
             raise ValueError(f"{path}: a bare state dict cannot be resumed; use --fine_tune to start from it")
+        check_same_architecture(path, model_state_dict(checkpoint), self.model)
         self.model.load_state_dict(model_state_dict(checkpoint))
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.scaler.load_state_dict(checkpoint["scaler"])
         self.iteration, self.best_map = checkpoint["iteration"], checkpoint["best_map"]
+        self.skipped_batches = checkpoint.get("skipped_batches", 0)
         self.log(f"resumed from {path} at iteration {self.iteration}, lr {self.lr():.3g}")
 
     def lr(self) -> float:
@@ -270,46 +326,70 @@ class Trainer:
         )
 
     def train_step(self, batch) -> tuple[float, float]:
+        """One optimizer step on a batch; returns the two losses (NaN for a batch skipped by --skip_nonfinite)."""
         images = batch["images"].to(self.device, non_blocking=True)
         annotations = batch["annotations"].to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            cls_loss, box_loss = self.ddp_model(images, annotations)
-        loss = cls_loss + box_loss
-        if not math.isfinite(loss.item()):
-            raise SystemExit(
-                f"error: the loss became {loss.item()} at iteration {self.iteration} (lr {self.lr():.3g}, "
-                f"classification {cls_loss.item()}, regression {box_loss.item()}). Try a lower --lr, a longer "
-                f"--warmup_iters or --clip_grad 10; last.pt still holds the last good checkpoint."
-            )
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if self.args.clip_grad:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        with out_of_memory_hint(images.shape):
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                cls_loss, box_loss = self.ddp_model(images, annotations)
+            cls_value, box_value = cls_loss.item(), box_loss.item()
+            nonfinite, self.stop.requested = self.any_rank(not math.isfinite(cls_value + box_value), self.stop.requested)
+            if nonfinite:
+                self.skip_nonfinite(cls_value, box_value)
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(cls_loss + box_loss).backward()
+                if self.args.clip_grad:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_grad)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
         self.scheduler.step()
-        self.iteration += 1
-        return cls_loss.item(), box_loss.item()
+        self.iteration += 1  # counts skipped batches too: a resumed run starts after the last batch seen
+        return (cls_value, box_value) if not nonfinite else (math.nan, math.nan)
+
+    def skip_nonfinite(self, cls_value: float, box_value: float) -> None:
+        """Count a batch whose loss is not finite, or stop the run with a message if --skip_nonfinite is off."""
+        where = f"at iteration {self.iteration} (lr {self.lr():.3g}, classification {cls_value}, regression {box_value})"
+        if not self.args.skip_nonfinite:
+            raise SystemExit(
+                f"error: the loss is not finite {where}. Try a lower --lr, a longer --warmup_iters or --clip_grad 10, "
+                f"or --skip_nonfinite to skip such batches; {self.args.output_dir}/last.pt holds the last checkpoint."
+            )
+        self.skipped_batches += 1
+        self.log(f"skipped a batch: the loss is not finite {where}; {self.skipped_batches} skipped so far")
+
+    def any_rank(self, *flags: bool) -> list[bool]:
+        """Each flag OR-ed over all processes, so that they skip or stop together: a process that skipped the
+        backward pass alone would leave the others waiting forever in DDP's gradient all-reduce."""
+        if self.world_size == 1:
+            return list(flags)
+        flags_tensor = torch.tensor(flags, dtype=torch.float32, device=self.device)
+        dist.all_reduce(flags_tensor, op=dist.ReduceOp.MAX)
+        return [bool(flag) for flag in flags_tensor.tolist()]
 
     def train_epoch(self, epoch: int) -> None:
         self.model.train()
         loader = self.epoch_loader(epoch)
         progress = tqdm(loader, desc=f"epoch {epoch + 1}", disable=self.rank != 0, leave=False)
         start, images_seen, speed = time.perf_counter(), 0, 0.0
-        cls_loss = box_loss = float("nan")
+        loss_sums, num_losses = [0.0, 0.0], 0
         for batch in progress:
             cls_loss, box_loss = self.train_step(batch)
+            if math.isfinite(cls_loss + box_loss):
+                loss_sums, num_losses = [loss_sums[0] + cls_loss, loss_sums[1] + box_loss], num_losses + 1
             images_seen += len(batch["indices"]) * self.world_size
             speed = images_seen / (time.perf_counter() - start)
             progress.set_postfix(cls=f"{cls_loss:.3f}", box=f"{box_loss:.3f}", lr=f"{self.lr():.2g}", img_s=f"{speed:.1f}")
             self.scalars({"loss/classification": cls_loss, "loss/regression": box_loss, "lr": self.lr()})
             if self.args.checkpoint_every and self.iteration % self.args.checkpoint_every == 0:
                 self.save("last.pt")
-            if self.iteration >= self.total_iters:
+            if self.iteration >= self.total_iters or self.stop.requested:
                 break
-        self.log(f"epoch {epoch + 1}: iteration {self.iteration}/{self.total_iters}, classification loss "
-                 f"{cls_loss:.4f}, regression loss {box_loss:.4f}, lr {self.lr():.3g}, {speed:.1f} images/s")
+        mean_cls, mean_box = (total / max(num_losses, 1) for total in loss_sums)
+        skipped = f", {self.skipped_batches} batches skipped so far (non-finite loss)" if self.skipped_batches else ""
+        self.log(f"epoch {epoch + 1}: iteration {self.iteration}/{self.total_iters}, mean classification loss "
+                 f"{mean_cls:.4f}, mean regression loss {mean_box:.4f}, lr {self.lr():.3g}, {speed:.1f} images/s{skipped}")
 
     def scalars(self, values: dict) -> None:
         if self.writer:
@@ -339,6 +419,8 @@ class Trainer:
         for epoch in range(first_epoch, epochs):
             self.train_epoch(epoch)
             self.save("last.pt")
+            if self.stop.requested:
+                return
             last = epoch + 1 == epochs
             if self.args.eval_every and ((epoch + 1) % self.args.eval_every == 0 or last):
                 self.after_evaluation(self.evaluate())
@@ -354,9 +436,42 @@ class Trainer:
             self.log(f"new best model: {self.save('best.pt')}")
 
 
+def draw_demo_detections(model, val_set, output_dir: str, log, num_images: int = 8) -> None:
+    """The end of the shapes demo: the trained model's detections drawn next to the ground truth."""
+    paths = visualize_dataset(model, val_set, val_set.class_names, os.path.join(output_dir, "detections"),
+                              limit=num_images)
+    log("detections (right) next to the ground truth (left) on validation images:\n  " + "\n  ".join(paths))
+
+
+def check_data(args, rank: int, world_size: int) -> int:
+    """--check_data: every problem of the training and validation data, listed; 0 if training can start."""
+    if args.dataset == "coco":
+        results = [report(check_coco(args.coco_path, name, args.workers), f"COCO set {name}")
+                   for name in (args.train_set, args.val_set)]
+    else:
+        if args.dataset == "shapes":
+            build_datasets(args, rank, world_size)  # generates the data and points the csv_* paths to it
+        results = [report(check_csv(path, args.csv_classes, args.workers), path)
+                   for path in (args.csv_train, args.csv_val) if path]
+    return 0 if all(results) else 1
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: StopRequest):
+    """Let Ctrl-C and SIGTERM (sent by schedulers before they kill a job) request a clean stop while inside."""
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device, rank, world_size = setup_distributed(args)
+    if args.check_data:
+        return check_data(args, rank, world_size)
     torch.manual_seed(args.seed + rank)
     train_set, val_set = build_datasets(args, rank, world_size)
     model = build_model(args, train_set.num_classes)
@@ -368,20 +483,35 @@ def main(argv=None) -> int:
         f"({train_set.num_classes} classes) on {device} for {trainer.total_iters} iterations of "
         f"{args.batch_size * world_size} images"
     )
-    try:
+    with stop_on_signals(trainer.stop):
         trainer.run()
-    except KeyboardInterrupt:
-        trainer.log(f"interrupted: saved {trainer.save('last.pt')}; continue with --resume")
+    if trainer.stop.requested:
+        path = os.path.join(args.output_dir, "last.pt")
+        trainer.log(f"stopped at iteration {trainer.iteration} and saved {path}; continue with --resume {path}")
         return 130
     trainer.log(f"done: checkpoints in {os.path.abspath(args.output_dir)}")
+    if args.dataset == "shapes" and rank == 0:
+        draw_demo_detections(trainer.model.eval(), val_set, args.output_dir, trainer.log)
     if world_size > 1:
         dist.destroy_process_group()
     return 0
 
 
+def error_message(error: Exception) -> str:
+    """The message of a user error. One raised in a DataLoader worker process comes back with the worker's whole
+    traceback in its message (PyTorch's way of re-raising it); its last line is the original message."""
+    message = str(error)
+    if "DataLoader worker" in message:
+        message = message.rstrip().splitlines()[-1].removeprefix(f"{type(error).__name__}: ")
+    return message
+
+
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, WeightsUnavailableError) as error:  # bad input or no weights: the message says what to do
+        print(f"error: {error_message(error)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without saving
+        print("interrupted: stopped without saving; last.pt holds the last checkpoint", file=sys.stderr)
+        sys.exit(130)

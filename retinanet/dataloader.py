@@ -29,7 +29,9 @@ import os
 import re
 import warnings
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import skimage.data
@@ -54,11 +56,18 @@ Transform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Ten
 # ---------------------------------------------------------------------------------------------------- images
 
 
+def require_file(path: str, what: str = "file") -> None:
+    """Raise ValueError naming `path` unless it is an existing file (a directory is not)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: {what} expected, found a directory")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: {what} not found")
+
+
 @contextlib.contextmanager
 def _image_errors_as_value_error(path: str) -> Iterator[None]:
     """Turn Pillow's errors for `path` into a ValueError naming the file; refuse decompression bombs."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: image file not found")
+    require_file(path, "image file")
     with warnings.catch_warnings():
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; an error refuses the file either way.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -97,12 +106,17 @@ def read_rgb_image(path: str) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()  # (H, W, 3) -> (3, H, W)
 
 
-def clip_annotations(annotations: np.ndarray, height: int, width: int, image_path: str) -> np.ndarray:
-    """Clip (N, 5) boxes to the image; drop, with a warning naming the image, those left without area."""
+def clip_to_image(annotations: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 5) annotations with boxes clipped to the image, and the (N,) mask of those that keep some area."""
     clipped = annotations.copy()
     clipped[:, [0, 2]] = clipped[:, [0, 2]].clip(0, width)
     clipped[:, [1, 3]] = clipped[:, [1, 3]].clip(0, height)
-    keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    return clipped, (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+
+
+def clip_annotations(annotations: np.ndarray, height: int, width: int, image_path: str) -> np.ndarray:
+    """Clip (N, 5) boxes to the image; drop, with a warning naming the image, those left without area."""
+    clipped, keep = clip_to_image(annotations, height, width)
     if not keep.all():
         warnings.warn(
             f"{image_path}: dropped {int((~keep).sum())} box(es) lying outside the {width}x{height} image",
@@ -298,16 +312,19 @@ def _csv_error(path: str, line: int, problem: str) -> ValueError:
 
 def _read_csv_rows(path: str, columns: str) -> list[tuple[int, list[str]]]:
     """Non-blank rows with their 1-based line numbers. A UTF-8 byte-order mark and CRLF line ends are fine."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: file not found")
-    with open(path, encoding="utf-8-sig", newline="") as file:
-        reader = csv.reader(file)
-        try:
-            rows = [(reader.line_num, row) for row in reader if row]
-        except csv.Error as error:
-            raise _csv_error(path, reader.line_num, f"malformed CSV ({error})") from error
-        except UnicodeDecodeError as error:
-            raise ValueError(f"{path}: not UTF-8 text ({error})") from error
+    require_file(path)
+    with open(path, "rb") as file:
+        data = file.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise _csv_error(path, line, f"not UTF-8 text (byte {data[error.start]:#04x}); save the file as UTF-8") from error
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        rows = [(reader.line_num, row) for row in reader if row]
+    except csv.Error as error:
+        raise _csv_error(path, reader.line_num, f"malformed CSV ({error})") from error
     if not rows:
         raise _csv_error(path, 1, f"the file is empty; expected rows '{columns}'")
     return rows
@@ -380,6 +397,34 @@ def _parse_annotation_row(
     return image, [x1, y1, x2, y2, float(class_index[name])]
 
 
+class CSVAnnotations(NamedTuple):
+    """The rows of a CSV annotation file, grouped by image in the order images first appear."""
+
+    boxes_of_image: dict[str, list[list[float]]]  # absolute image path -> rows x1, y1, x2, y2, class index
+    first_line: dict[str, int]  # image path -> the line it first appears on
+    errors: list[ValueError]  # one per malformed row, each naming the file and the line
+
+
+def read_csv_annotations(train_file: str, class_names: list[str]) -> CSVAnnotations:
+    """Parse every row of `train_file`. A malformed row is recorded in `errors` rather than raised, so that a
+    data check can list every problem at once; relative image paths are resolved against the file's folder."""
+    class_index = {name: index for index, name in enumerate(class_names)}
+    parsed = CSVAnnotations({}, {}, [])
+    folder = os.path.dirname(os.path.abspath(train_file))
+    for line, row in _read_csv_rows(train_file, ANNOTATION_COLUMNS):
+        try:
+            image, box = _parse_annotation_row(train_file, line, row, class_index)
+        except ValueError as error:
+            parsed.errors.append(error)
+            continue
+        image_path = os.path.join(folder, image)  # an absolute path stays as it is
+        parsed.first_line.setdefault(image_path, line)
+        parsed.boxes_of_image.setdefault(image_path, [])
+        if box is not None:
+            parsed.boxes_of_image[image_path].append(box)
+    return parsed
+
+
 class CSVDataset(DetectionDataset):
     """Boxes from a CSV file in yhenon/pytorch-retinanet's format.
 
@@ -390,35 +435,63 @@ class CSVDataset(DetectionDataset):
 
     def __init__(self, train_file: str, class_list: str, transform: Transform | None = None):
         class_names = read_class_list(class_list)
-        class_index = {name: index for index, name in enumerate(class_names)}
-        boxes_of_image: dict[str, list[list[float]]] = {}  # in order of first appearance
-        first_line: dict[str, int] = {}
-        folder = os.path.dirname(os.path.abspath(train_file))
-        for line, row in _read_csv_rows(train_file, ANNOTATION_COLUMNS):
-            image, box = _parse_annotation_row(train_file, line, row, class_index)
-            image_path = os.path.join(folder, image)  # an absolute path stays as it is
-            first_line.setdefault(image_path, line)
-            boxes_of_image.setdefault(image_path, [])
-            if box is not None:
-                boxes_of_image[image_path].append(box)
-        image_paths = list(boxes_of_image)
-        _raise_if_missing(train_file, image_paths, [f"line {first_line[path]}" for path in image_paths])
-        annotations = [np.array(boxes, dtype=np.float32).reshape(-1, 5) for boxes in boxes_of_image.values()]
+        parsed = read_csv_annotations(train_file, class_names)
+        if parsed.errors:
+            more = len(parsed.errors) - 1
+            hint = f" (and {more} more malformed row(s): train.py --check_data lists them all)" if more else ""
+            raise ValueError(f"{parsed.errors[0]}{hint}") from parsed.errors[0]
+        image_paths = list(parsed.boxes_of_image)
+        _raise_if_missing(train_file, image_paths, [f"line {parsed.first_line[path]}" for path in image_paths])
+        annotations = [np.array(boxes, dtype=np.float32).reshape(-1, 5) for boxes in parsed.boxes_of_image.values()]
         super().__init__(image_paths, annotations, class_names, transform)
+
+
+# The keys each entry of a COCO instances file needs here, by section.
+COCO_REQUIRED_KEYS = {
+    "images": ("id", "file_name", "width", "height"),
+    "annotations": ("id", "image_id", "category_id", "bbox"),
+    "categories": ("id", "name"),
+}
+
+
+def _check_coco_structure(path: str, dataset) -> None:
+    """Raise ValueError naming the file and the entry for what would otherwise fail deep inside pycocotools or
+    training: missing sections or keys, an image or category listed twice, a box that is not 4 numbers, an
+    annotation of an image that is not listed."""
+    if not isinstance(dataset, dict) or any(section not in dataset for section in COCO_REQUIRED_KEYS):
+        found = sorted(dataset) if isinstance(dataset, dict) else type(dataset).__name__
+        raise ValueError(f"{path}: not a COCO instances file: expected the sections {list(COCO_REQUIRED_KEYS)}, "
+                         f"found {found}")
+    for section, keys in COCO_REQUIRED_KEYS.items():
+        for position, entry in enumerate(dataset[section]):
+            missing = [key for key in keys if key not in entry] if isinstance(entry, dict) else list(keys)
+            if missing:
+                raise ValueError(f"{path}: {section}[{position}] lacks {missing}; each entry needs {list(keys)}")
+    for section in ("images", "categories"):
+        counts = Counter(entry["id"] for entry in dataset[section])
+        repeated = [entry_id for entry_id, count in counts.items() if count > 1]
+        if repeated:
+            raise ValueError(f"{path}: {section} id(s) {repeated[:MAX_LISTED]} listed more than once")
+    image_ids = {image["id"] for image in dataset["images"]}
+    for annotation in dataset["annotations"]:
+        bbox = annotation["bbox"]
+        is_numbers = isinstance(bbox, list) and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)
+        if not (is_numbers and len(bbox) == 4):
+            raise ValueError(f"{path}: annotation {annotation['id']} has bbox {bbox!r}; expected [x, y, width, height]")
+        if annotation["image_id"] not in image_ids:
+            raise ValueError(f"{path}: annotation {annotation['id']} is of image_id {annotation['image_id']}, "
+                             f"which is not in 'images'")
 
 
 def _load_coco(annotation_file: str) -> COCO:
     """A pycocotools COCO object, with errors that name the file and without pycocotools' progress prints."""
-    if not os.path.isfile(annotation_file):
-        raise ValueError(f"{annotation_file}: COCO annotation file not found")
+    require_file(annotation_file, "COCO annotation file")
     with open(annotation_file, encoding="utf-8") as file:
         try:
             dataset = json.load(file)
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{annotation_file}: not valid JSON ({error})") from error
-    missing_keys = [key for key in ("images", "annotations", "categories") if key not in dataset]
-    if missing_keys:
-        raise ValueError(f"{annotation_file}: not a COCO instances file, no {missing_keys}")
+    _check_coco_structure(annotation_file, dataset)
     coco = COCO()
     coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):
@@ -429,9 +502,10 @@ def _load_coco(annotation_file: str) -> COCO:
 class CocoDataset(DetectionDataset):
     """Boxes from `{root}/annotations/instances_{set_name}.json`, images from `{root}/images/{set_name}/` or
     `{root}/{set_name}/`. COCO category ids (sorted) map to class indices 0..K-1 and back. Crowd boxes are
-    skipped, zero-area boxes dropped with a warning, images without boxes kept as negatives."""
+    skipped, zero-area boxes dropped with a warning, images without boxes kept as negatives. Missing image files
+    raise ValueError unless check_files is False (retinanet.check then reports each one)."""
 
-    def __init__(self, root: str, set_name: str, transform: Transform | None = None):
+    def __init__(self, root: str, set_name: str, transform: Transform | None = None, check_files: bool = True):
         annotation_file = os.path.join(root, "annotations", f"instances_{set_name}.json")
         self.coco = _load_coco(annotation_file)
         image_dirs = [os.path.join(root, "images", set_name), os.path.join(root, set_name)]
@@ -443,7 +517,8 @@ class CocoDataset(DetectionDataset):
         self.label_to_coco_id = {label: coco_id for coco_id, label in self.coco_id_to_label.items()}
         self.image_ids = sorted(self.coco.imgs)  # dataset index -> COCO image id
         image_paths = [os.path.join(image_dir, self.coco.imgs[image_id]["file_name"]) for image_id in self.image_ids]
-        _raise_if_missing(annotation_file, image_paths, [f"image id {image_id}" for image_id in self.image_ids])
+        if check_files:
+            _raise_if_missing(annotation_file, image_paths, [f"image id {image_id}" for image_id in self.image_ids])
         zero_area: list[int] = []
         annotations = [self._boxes_of_image(image_id, annotation_file, zero_area) for image_id in self.image_ids]
         if zero_area:

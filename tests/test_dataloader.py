@@ -213,6 +213,96 @@ def test_coco_missing_annotation_file_is_named(tmp_path):
         CocoDataset(str(tmp_path), "val")
 
 
+def minimal_coco(**changes):
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [1, 2, 10, 20], "iscrowd": 0}],
+        "categories": [{"id": 3, "name": "cat"}],
+    }
+    coco.update(changes)
+    return coco
+
+
+COCO_ERRORS = [
+    ({"annotations": [], "categories": []}, "expected the sections ['images', 'annotations', 'categories']"),
+    ([1, 2], "not a COCO instances file"),
+    (minimal_coco(images=[{"id": 1, "file_name": "a.png"}]), "images[0] lacks ['width', 'height']"),
+    (minimal_coco(annotations=[{"id": 1, "image_id": 1, "bbox": [1, 2, 3, 4]}]), "annotations[0] lacks ['category_id']"),
+    (minimal_coco(categories=["cat"]), "categories[0] lacks ['id', 'name']"),
+    (minimal_coco(images=[{"id": 1, "file_name": "a.png", "width": 4, "height": 3}] * 2),
+     "images id(s) [1] listed more than once"),
+    (minimal_coco(categories=[{"id": 3, "name": "cat"}, {"id": 3, "name": "dog"}]),
+     "categories id(s) [3] listed more than once"),
+    (minimal_coco(annotations=[{"id": 7, "image_id": 1, "category_id": 3, "bbox": [1, 2, 3]}]),
+     "annotation 7 has bbox [1, 2, 3]; expected [x, y, width, height]"),
+    (minimal_coco(annotations=[{"id": 7, "image_id": 1, "category_id": 3, "bbox": [1, "2", 3, 4]}]),
+     "annotation 7 has bbox"),
+    (minimal_coco(annotations=[{"id": 7, "image_id": 9, "category_id": 3, "bbox": [1, 2, 3, 4]}]),
+     "annotation 7 is of image_id 9, which is not in 'images'"),
+    (minimal_coco(annotations=[{"id": 7, "image_id": 1, "category_id": 4, "bbox": [1, 2, 3, 4]}]),
+     "annotation 7 has category_id 4, which is not in 'categories'"),
+]
+
+
+@pytest.mark.parametrize("content, message", COCO_ERRORS)
+def test_coco_structure_errors_name_the_file_and_the_entry(tmp_path, content, message):
+    save_image(tmp_path / "images" / "val" / "a.png", width=40, height=30)
+    (tmp_path / "annotations").mkdir()
+    path = tmp_path / "annotations" / "instances_val.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError) as error:
+        CocoDataset(str(tmp_path), "val")
+    assert str(error.value).startswith(f"{path}: ")
+    assert message in str(error.value)
+
+
+def test_coco_file_that_is_not_json_is_named(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_val.json").write_bytes(b"\xff\xfe{not json")
+    with pytest.raises(ValueError, match="instances_val.json: not valid JSON"):
+        CocoDataset(str(tmp_path), "val")
+
+
+def test_a_directory_where_a_file_is_expected_is_named(tmp_path):
+    (tmp_path / "classes.csv").mkdir()
+    with pytest.raises(ValueError, match="classes.csv: file expected, found a directory"):
+        read_class_list(str(tmp_path / "classes.csv"))
+    (tmp_path / "a.png").mkdir()
+    with pytest.raises(ValueError, match="a.png: image file expected, found a directory"):
+        read_rgb_image(str(tmp_path / "a.png"))
+
+
+def test_csv_that_is_not_utf8_names_the_line(tmp_path):
+    classes = write(tmp_path / "classes.csv", CLASSES)
+    annotations = tmp_path / "train.csv"
+    annotations.write_bytes(b"a.png,1,2,3,4,cat\nb\xe9.png,1,2,3,4,cat\n")  # Latin-1 e-acute on line 2
+    with pytest.raises(ValueError, match=r"train.csv, line 2: not UTF-8 text \(byte 0xe9\)"):
+        CSVDataset(str(annotations), str(classes))
+
+
+@settings(max_examples=300, deadline=None)
+@given(content=st.one_of(
+    st.binary(max_size=200),
+    st.lists(st.lists(st.sampled_from(["a.png", "cat", "dog", "1", "2.5", "-3", "nan", "", '"', "x,y", "\r", "\x00",
+                                        "\ufeff", "10", "1e3"]), max_size=8), max_size=6)
+    .map(lambda rows: "\n".join(",".join(row) for row in rows).encode("utf-8")),
+))
+def test_fuzzed_csv_files_give_a_dataset_or_a_value_error_naming_file_and_line(tmp_path_factory, content):
+    folder = tmp_path_factory.mktemp("fuzz")
+    save_image(folder / "a.png", 40, 30)
+    for name, other in (("train.csv", "classes.csv"), ("classes.csv", "train.csv")):
+        path = folder / name
+        path.write_bytes(content)
+        write(folder / other, CLASSES if other == "classes.csv" else "a.png,1,2,10,20,cat\n")
+        try:
+            dataset = CSVDataset(str(folder / "train.csv"), str(folder / "classes.csv"))
+        except ValueError as error:
+            assert str(error).startswith(f"{path}, line ") or str(error).startswith(f"{path}: "), str(error)
+            assert ", line " in str(error) or "image files not found" in str(error), str(error)
+            continue
+        assert all(annotations.shape[1] == 5 for annotations in dataset.annotations)
+
+
 # ---------------------------------------------------------------------------------------------- image files
 
 

@@ -6,17 +6,10 @@ import pytest
 import torch
 
 import train
+from conftest import tiny_run_flags
 from retinanet.checkpoint import read_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_run_flags(tmp_path, *extra) -> list[str]:
-    return [
-        "--data_dir", str(tmp_path / "shapes"), "--output_dir", str(tmp_path / "out"),
-        "--shapes_train", "12", "--shapes_val", "4", "--batch_size", "4", "--min_size", "96", "--max_size", "96",
-        "--workers", "0", "--eval_every", "0", "--warmup_iters", "3", *extra,
-    ]
 
 
 def test_lr_schedule_warmup_steps_and_cosine():
@@ -72,7 +65,9 @@ def test_train_writes_a_checkpoint_and_resume_continues(tmp_path, capsys):
     assert train.main(tiny_run_flags(tmp_path, "--iters", "2")) == 0
     first = read_checkpoint(str(tmp_path / "out" / "last.pt"))
     assert first["iteration"] == 2 and first["class_names"] == ["circle", "rectangle", "triangle", "ellipse", "star"]
-    assert set(first) >= {"model", "optimizer", "scheduler", "scaler", "model_settings", "args"}
+    assert set(first) >= {"model", "optimizer", "scheduler", "scaler", "model_settings", "args", "epoch"}
+    # the demo ends by drawing its detections next to the ground truth on the 4 validation images
+    assert sorted(os.listdir(tmp_path / "out" / "detections")) == [f"{i:05d}.png" for i in range(4)]
 
     assert train.main(tiny_run_flags(tmp_path, "--iters", "5", "--resume", str(tmp_path / "out" / "last.pt"))) == 0
     assert "resumed from" in capsys.readouterr().out
