@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset, Sampler
+from tqdm import tqdm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics torchvision's ImageNet backbones were trained with
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -817,7 +818,7 @@ def make_shapes_dataset(
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
     photos = _background_photos()
     image_rows = []
-    for i in range(num_images):
+    for i in tqdm(range(num_images), desc=f"generating shapes {split} images in {root}", unit="image", leave=False):
         rng = np.random.default_rng([seed, zlib.crc32(split.encode()), i])  # image i depends on nothing else
         image, rows = _render_shapes_image(rng, photos, image_size)
         Image.fromarray(image).save(os.path.join(image_dir, f"{i:05d}.png"), compress_level=1)

@@ -96,7 +96,7 @@ def test_nonfinite_loss_stops_the_run_with_iteration_lr_and_hint(tmp_path, monke
     with pytest.raises(SystemExit) as exit_info:
         train.main(tiny_run_flags(tmp_path, "--iters", "3"))
     message = str(exit_info.value.code)
-    assert "the loss is not finite at iteration 1 (lr 0.000667" in message  # warmup: 1e-3 * 2 / 3
+    assert "the loss is not finite at iteration 1 (lr 0.0002," in message  # warmup: 3e-4 * 2 / 3
     assert "--clip_grad" in message and "--skip_nonfinite" in message
 
 
@@ -196,3 +196,14 @@ def test_check_data_of_coco_reports_a_structure_error(tmp_path, capsys):
     output = capsys.readouterr().out
     assert f"error: {tmp_path / 'annotations' / 'instances_train2017.json'}: not a COCO instances file" in output
     assert f"error: {tmp_path / 'annotations' / 'instances_val2017.json'}: COCO annotation file not found" in output
+
+
+def test_images_of_one_pixel_and_smaller_than_the_largest_stride_train_and_detect(tmp_path):
+    save_image(tmp_path / "dot.png", width=1, height=1)
+    save_image(tmp_path / "small.png", width=20, height=12)  # smaller than P6's and P7's strides (64, 128)
+    flags = write_csv_data(tmp_path, ["dot.png,0,0,1,1,cat", "small.png,2,2,18,10,dog", "small.png,,,,,"])
+    flags += ["--csv_val", str(tmp_path / "train.csv"), "--min_size", "20", "--max_size", "20", "--workers", "0",
+              "--iters", "2"]
+    assert train.main(flags) == 0  # trains, and evaluates on the same images after the epoch
+    checkpoint = read_checkpoint(str(tmp_path / "out" / "last.pt"))
+    assert checkpoint["iteration"] == 2 and 0.0 <= checkpoint["best_map"] <= 1.0

@@ -74,7 +74,7 @@ def test_train_writes_a_checkpoint_and_resume_continues(tmp_path, capsys):
     resumed = read_checkpoint(str(tmp_path / "out" / "last.pt"))
     assert resumed["iteration"] == 5
     # lr after 5 scheduler steps with 3 warmup iterations and default milestones at 2/3 and 8/9 of 5: 3 and 4
-    assert resumed["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.1 * 0.1)
+    assert resumed["optimizer"]["param_groups"][0]["lr"] == pytest.approx(train.ADAMW_LR * 0.1 * 0.1)
 
 
 def test_fine_tune_to_a_different_class_count(tmp_path):
@@ -126,3 +126,14 @@ def test_two_process_gloo_torchrun_smoke(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_checkpoint(str(tmp_path / "out" / "last.pt"))["iteration"] == 2
+
+
+@pytest.mark.slow
+def test_the_demo_learns(tmp_path):
+    # The demo's recipe (ResNet-18 from scratch, AdamW, 160-pixel images, 6 epochs) on 800 images instead of 1,500:
+    # 600 iterations, 4.5 minutes on 2 CPU cores (AMD EPYC, bf16). Measured: mAP@0.5 0.59 on 100 validation images,
+    # where an untrained model scores 0; the threshold leaves room for other CPUs' arithmetic (fp32 without bf16).
+    flags = ["--data_dir", str(tmp_path / "shapes"), "--output_dir", str(tmp_path / "out"), "--shapes_train", "800",
+             "--shapes_val", "100", "--eval_every", "6"]
+    assert train.main(flags) == 0
+    assert read_checkpoint(str(tmp_path / "out" / "best.pt"))["best_map"] > 0.4
