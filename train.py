@@ -43,7 +43,7 @@ from retinanet.dataloader import (
     make_shapes_dataset,
 )
 from retinanet.losses import RetinaNetLoss
-from retinanet.model import WeightsUnavailableError, build_retinanet
+from retinanet.model import PRETRAINED_FREEZE_AT, WeightsUnavailableError, build_retinanet, freeze_backbone
 from visualize import visualize_dataset
 
 # Per-dataset defaults for flags left unset. The demo trains a small network from scratch on small images;
@@ -173,10 +173,20 @@ def build_datasets(args, rank: int, world_size: int):
 
 
 def build_model(args, num_classes: int):
+    """The RetinaNet to train. Weights that start trained (ImageNet's, or a --fine_tune checkpoint's) get frozen
+    BatchNorm and, by default, a frozen stem and first stage (see build_retinanet). --resume rebuilds the run's
+    model, frozen as it was, without fetching ImageNet weights that the checkpoint's would replace anyway."""
     loss = RetinaNetLoss(box_loss=args.box_loss, loss_normalizer=args.loss_normalizer)
+    started_trained = args.pretrained is not False or args.fine_tune is not None
+    freeze_at = args.freeze_at if args.freeze_at is not None else PRETRAINED_FREEZE_AT if started_trained else 0
     if args.fine_tune:
-        return fine_tune_model(args.fine_tune, num_classes, loss)
-    return build_retinanet(args.depth, num_classes, pretrained=args.pretrained, freeze_at=args.freeze_at, loss=loss)
+        model = fine_tune_model(args.fine_tune, num_classes, loss)
+        model.freeze_bn()
+        freeze_backbone(model, freeze_at)
+        return model
+    pretrained = False if args.resume else args.pretrained
+    return build_retinanet(args.depth, num_classes, pretrained=pretrained, freeze_bn=started_trained,
+                           freeze_at=freeze_at, loss=loss)
 
 
 def fine_tune_model(path: str, num_classes: int, loss: RetinaNetLoss):

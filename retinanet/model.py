@@ -153,9 +153,8 @@ class Subnet(nn.Module):
         for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
             x = F.relu(conv(x), inplace=True)  # in place: a conv's backward needs its input, not its output
         x = self.output(x)  # (B, A*outputs, H, W)
-        batch, _, height, width = x.shape
         x = x.permute(0, 2, 3, 1)  # (B, H, W, A*outputs)
-        return x.reshape(batch, -1, self.outputs_per_anchor)  # (B, H*W*A, outputs)
+        return x.reshape(x.shape[0], -1, self.outputs_per_anchor)  # (B, H*W*A, outputs)
 
 
 class RegressionModel(Subnet):

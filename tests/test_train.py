@@ -8,6 +8,7 @@ import torch
 import train
 from conftest import tiny_run_flags
 from retinanet.checkpoint import read_checkpoint
+from retinanet.model import build_retinanet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -137,3 +138,30 @@ def test_the_demo_learns(tmp_path):
              "--shapes_val", "100", "--eval_every", "6"]
     assert train.main(flags) == 0
     assert read_checkpoint(str(tmp_path / "out" / "best.pt"))["best_map"] > 0.4
+
+
+def test_resume_rebuilds_a_pretrained_run_frozen_as_it_was_without_fetching_imagenet_weights(monkeypatch):
+    def no_download(*args):
+        raise AssertionError("resuming must not fetch ImageNet weights: the checkpoint replaces them")
+
+    monkeypatch.setattr("retinanet.model.imagenet_state_dict", no_download)
+    args = train.parse_args(["--dataset", "csv", "--csv_train", "t.csv", "--csv_classes", "c.csv", "--depth", "18",
+                             "--resume", "output/last.pt"])
+    assert args.pretrained is True  # the CSV default
+    model = train.build_model(args, num_classes=3)
+    assert model.bn_frozen  # as the pretrained run it resumes
+    assert not model.layer1[0].conv1.weight.requires_grad and model.layer2[0].conv1.weight.requires_grad  # freeze_at 2
+
+
+def test_fine_tuning_freezes_batchnorm_and_the_first_stage_as_for_pretrained_weights(tmp_path):
+    path = tmp_path / "source.pt"
+    torch.save(build_retinanet(18, num_classes=5).state_dict(), path)
+    args = train.parse_args(["--dataset", "csv", "--csv_train", "t.csv", "--csv_classes", "c.csv",
+                             "--fine_tune", str(path)])
+    model = train.build_model(args, num_classes=2)
+    assert model.num_classes == 2 and model.bn_frozen
+    assert not model.conv1.weight.requires_grad and not model.layer1[1].conv2.weight.requires_grad
+    assert model.layer2[0].conv1.weight.requires_grad
+    args = train.parse_args(["--dataset", "csv", "--csv_train", "t.csv", "--csv_classes", "c.csv",
+                             "--fine_tune", str(path), "--freeze_at", "0"])
+    assert train.build_model(args, num_classes=2).conv1.weight.requires_grad
