@@ -44,6 +44,7 @@ from retinanet.dataloader import (
 )
 from retinanet.losses import RetinaNetLoss
 from retinanet.model import PRETRAINED_FREEZE_AT, WeightsUnavailableError, build_retinanet, freeze_backbone
+from retinanet.predict import resolve_device
 from visualize import visualize_dataset
 
 # Per-dataset defaults for flags left unset. The demo trains a small network from scratch on small images;
@@ -141,7 +142,7 @@ def setup_distributed(args) -> tuple[torch.device, int, int]:
     """Device, rank and world size; under torchrun, one process per GPU (NCCL) or per CPU process (gloo)."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)

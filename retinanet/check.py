@@ -7,7 +7,6 @@ Errors stop training (a malformed row, an unknown class, a missing or undecodabl
 reaching past the image is clipped, one entirely outside it dropped, as the datasets do while training).
 """
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -80,7 +79,7 @@ def check_coco(root: str, set_name: str, workers: int = 4) -> list[Problem]:
     images = []
     for index, image_id in enumerate(dataset.image_ids):
         info = dataset.coco.imgs[image_id]
-        where = f"{os.path.join(root, 'annotations', f'instances_{set_name}.json')}, image id {image_id}"
+        where = f"{dataset.annotation_file}, image id {image_id}"
         images.append(ImageToCheck(dataset.image_path(index), dataset.load_annotations(index), where,
                                    (info["height"], info["width"])))
     return check_images(images, workers)

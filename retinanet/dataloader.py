@@ -508,6 +508,7 @@ class CocoDataset(DetectionDataset):
 
     def __init__(self, root: str, set_name: str, transform: Transform | None = None, check_files: bool = True):
         annotation_file = os.path.join(root, "annotations", f"instances_{set_name}.json")
+        self.annotation_file = annotation_file  # problems found later (retinanet.check) name it
         self.coco = _load_coco(annotation_file)
         image_dirs = [os.path.join(root, "images", set_name), os.path.join(root, set_name)]
         image_dir = next((folder for folder in image_dirs if os.path.isdir(folder)), None)

@@ -165,3 +165,10 @@ def test_fine_tuning_freezes_batchnorm_and_the_first_stage_as_for_pretrained_wei
     args = train.parse_args(["--dataset", "csv", "--csv_train", "t.csv", "--csv_classes", "c.csv",
                              "--fine_tune", str(path), "--freeze_at", "0"])
     assert train.build_model(args, num_classes=2).conv1.weight.requires_grad
+
+
+def test_an_unusable_device_is_a_message_not_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--device", "tpu9", "--data_dir", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "unknown device 'tpu9'; expected cpu, cuda or cuda:N" in result.stderr
