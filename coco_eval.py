@@ -19,6 +19,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import nn
 
 from retinanet.dataloader import CocoDataset
+from retinanet.files import write_text_atomically
 from retinanet.predict import add_inference_arguments, check_class_names, load_for_inference, predict_dataset
 
 MAX_DETECTIONS_PER_IMAGE = 100  # COCOeval's largest maxDets: it never scores more per image
@@ -67,14 +68,6 @@ def run_cocoeval(coco_gt: COCO, results: list[dict], image_ids: Sequence[int]) -
     return [float(stat) for stat in evaluator.stats]
 
 
-def write_results(results: list[dict], path: str) -> None:
-    """Write the results JSON to a temporary file, then rename it: a reader never sees half a file."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as file:
-        json.dump(results, file)
-    os.replace(temporary, path)
-
-
 def results_path(output_dir: str, set_name: str | None) -> str:
     """`{output_dir}/{set_name}_bbox_results.json`, or `{output_dir}/bbox_results.json` without a set name."""
     return os.path.join(output_dir, f"{set_name}_bbox_results.json" if set_name else "bbox_results.json")
@@ -94,7 +87,7 @@ def evaluate_coco(
     results = coco_results(predictions, dataset)
     os.makedirs(output_dir, exist_ok=True)
     path = results_path(output_dir, set_name)
-    write_results(results, path)
+    write_text_atomically(path, json.dumps(results))
     print(f"wrote {len(results)} detections on {len(dataset)} images to {os.path.abspath(path)}")
     return run_cocoeval(dataset.coco, results, dataset.image_ids)
 

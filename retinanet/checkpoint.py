@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 
+from .files import write_atomically
 from .model import RESNET_LAYOUTS, RetinaNet
 
 WRAPPER_PREFIX = "module."  # what (Distributed)DataParallel adds to every key of the model it wraps
@@ -20,12 +21,7 @@ WRAPPER_PREFIX = "module."  # what (Distributed)DataParallel adds to every key o
 
 def save_checkpoint(checkpoint: dict, path: str) -> None:
     """Write `checkpoint` to `path` so that a crash at any moment leaves either the old file or the new one."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "wb") as file:
-        torch.save(checkpoint, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)  # atomic on POSIX and Windows
+    write_atomically(path, lambda file: torch.save(checkpoint, file), binary=True)
 
 
 def read_checkpoint(path: str) -> dict:

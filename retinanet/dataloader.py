@@ -43,6 +43,8 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
+from .files import write_text_atomically
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics torchvision's ImageNet backbones were trained with
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PADDING_ROW = -1.0  # value of the annotation rows that collate adds; the loss skips rows with class < 0
@@ -755,14 +757,6 @@ def _render_shapes_image(
     return np.round(image).astype(np.uint8), rows
 
 
-def _write_text_atomically(path: str, text: str) -> None:
-    """Write to a temporary file, then rename: a reader never sees half a file."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8", newline="") as file:
-        file.write(text)
-    os.replace(temporary, path)
-
-
 def _shapes_csv(split: str, image_rows: list[list[tuple]]) -> str:
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
@@ -824,8 +818,8 @@ def make_shapes_dataset(
         image, rows = _render_shapes_image(rng, photos, image_size)
         Image.fromarray(image).save(os.path.join(image_dir, f"{i:05d}.png"), compress_level=1)
         image_rows.append(rows)
-    _write_text_atomically(paths["classes"], "".join(f"{name},{c}\n" for c, name in enumerate(SHAPE_CLASSES)))
-    _write_text_atomically(paths["csv"], _shapes_csv(split, image_rows))
-    _write_text_atomically(coco_file, _shapes_coco_json(image_rows, image_size))
-    _write_text_atomically(stamp_path, json.dumps(parameters))
+    write_text_atomically(paths["classes"], "".join(f"{name},{c}\n" for c, name in enumerate(SHAPE_CLASSES)))
+    write_text_atomically(paths["csv"], _shapes_csv(split, image_rows))
+    write_text_atomically(coco_file, _shapes_coco_json(image_rows, image_size))
+    write_text_atomically(stamp_path, json.dumps(parameters))
     return paths
