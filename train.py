@@ -34,17 +34,12 @@ from retinanet.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from retinanet.dataloader import (
-    AspectRatioBatchSampler,
-    CocoDataset,
-    CSVDataset,
-    build_transform,
-    collate,
-    make_shapes_dataset,
-)
+from retinanet.dataloader import AspectRatioBatchSampler, CocoDataset, CSVDataset, collate
 from retinanet.losses import RetinaNetLoss
 from retinanet.model import PRETRAINED_FREEZE_AT, WeightsUnavailableError, build_retinanet, freeze_backbone
 from retinanet.predict import resolve_device
+from retinanet.shapes import make_shapes_dataset
+from retinanet.transforms import build_transform
 from visualize import visualize_dataset
 
 # Per-dataset defaults for flags left unset. The demo trains a small network from scratch on small images;

@@ -22,10 +22,11 @@ from torch import nn
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
-from retinanet.dataloader import CocoDataset, CSVDataset, DetectionDataset, Transform, read_rgb_image
+from retinanet.dataloader import CocoDataset, CSVDataset, DetectionDataset
+from retinanet.images import find_images, read_rgb_image
 from retinanet.predict import add_inference_arguments, check_class_names, load_for_inference, predict_dataset
+from retinanet.transforms import Transform
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")  # what a folder scan picks
 JPEG_EXTENSIONS = (".jpg", ".jpeg")  # saved as JPEG again; every other format as PNG
 JPEG_QUALITY = 95
 PIXELS_PER_LINE_WIDTH = 400  # box outlines 1 pixel wide per 400 pixels of the longer image side, at least 2
@@ -104,19 +105,6 @@ def render(
 
 
 # ------------------------------------------------------------------------------------------------------ files
-
-
-def find_images(path: str) -> list[str]:
-    """[path] for an image file; the image files (IMAGE_EXTENSIONS) directly in a folder, sorted by name."""
-    if os.path.isfile(path):
-        return [path]
-    if not os.path.isdir(path):
-        raise ValueError(f"{path}: no such image file or folder")
-    names = sorted(name for name in os.listdir(path) if name.lower().endswith(IMAGE_EXTENSIONS))
-    image_paths = [os.path.join(path, name) for name in names if os.path.isfile(os.path.join(path, name))]
-    if not image_paths:
-        raise ValueError(f"{path}: no images found in this folder (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    return image_paths
 
 
 def image_folder_dataset(

@@ -13,7 +13,9 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from .dataloader import CocoDataset, clip_to_image, read_class_list, read_csv_annotations, read_rgb_image
+from .annotations import clip_to_image, read_class_list, read_csv_annotations
+from .dataloader import CocoDataset
+from .images import read_rgb_image
 
 
 class Problem(NamedTuple):

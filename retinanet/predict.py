@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 from torchvision.ops import clip_boxes_to_image
 from tqdm import tqdm
 
-from .dataloader import AspectRatioBatchSampler, DetectionDataset, DetectionTransform, build_transform, collate
+from .dataloader import AspectRatioBatchSampler, DetectionDataset, collate
+from .transforms import DetectionTransform, build_transform
 
 DEFAULT_IMAGE_SIZE = (800, 1333)  # (min_size, max_size) for a model that does not say what it was trained at
 

@@ -1,10 +1,27 @@
-"""Shared fixtures: a checkpoint from a short training run on a tiny shapes set, made once per test session."""
+"""Shared helpers and fixtures: small image and CSV files written by hand, and a checkpoint from a short training
+run on a tiny shapes set, made once per test session."""
 
 from typing import NamedTuple
 
 import pytest
+from PIL import Image
 
 import train
+
+CLASSES = "cat,0\ndog,1\n"
+
+
+def save_image(path, width, height, color=(200, 100, 50)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (width, height), color).save(path)
+    return path
+
+
+def write(path, text, bom=False, crlf=False):
+    if crlf:
+        text = text.replace("\n", "\r\n")
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
+    return path
 
 
 class TrainedRun(NamedTuple):

@@ -14,8 +14,9 @@ from torch import nn
 
 import coco_eval
 import csv_eval
-from retinanet.dataloader import CocoDataset, CSVDataset, build_transform
+from retinanet.dataloader import CocoDataset, CSVDataset
 from retinanet.predict import check_class_names, predict_dataset
+from retinanet.transforms import build_transform
 
 
 def boxes(*rows) -> np.ndarray:

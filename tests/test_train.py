@@ -117,7 +117,7 @@ def test_bad_csv_ends_with_a_message_and_status_2(tmp_path):
 def test_two_process_gloo_torchrun_smoke(tmp_path):
     flags = tiny_run_flags(tmp_path, "--iters", "2", "--device", "cpu")
     # Generate the data once before the two ranks start, so they do not race to write it.
-    from retinanet.dataloader import make_shapes_dataset
+    from retinanet.shapes import make_shapes_dataset
 
     make_shapes_dataset(str(tmp_path / "shapes"), "train", 12, seed=0)
     make_shapes_dataset(str(tmp_path / "shapes"), "val", 4, seed=1)

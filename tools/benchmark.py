@@ -53,8 +53,9 @@ from tqdm import tqdm
 # Run as a script (python tools/benchmark.py), Python puts tools/ on the path, not the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from retinanet.dataloader import CSVDataset, build_transform, collate  # noqa: E402
+from retinanet.dataloader import CSVDataset, collate  # noqa: E402
 from retinanet.model import build_retinanet  # noqa: E402
+from retinanet.transforms import build_transform  # noqa: E402
 
 IMPLS = ("ours", "torchvision")
 MODES = ("train", "train_amp", "infer_b1", "infer_b8", "data")

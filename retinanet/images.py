@@ -1,0 +1,79 @@
+"""Image files: finding them, reading their size, decoding them into RGB tensors, and turning every way a file can
+be unreadable (missing, a directory, undecodable, truncated, a decompression bomb) into a ValueError that names it.
+These are the images the detector of paper §4 trains and runs on (§4.1 "Inference and Training"), as they are on
+disk; retinanet.transforms then resizes, flips and normalises them.
+"""
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")  # what a folder scan picks
+
+
+def require_file(path: str, what: str = "file") -> None:
+    """Raise ValueError naming `path` unless it is an existing file (a directory is not)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: {what} expected, found a directory")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: {what} not found")
+
+
+@contextlib.contextmanager
+def _image_errors_as_value_error(path: str) -> Iterator[None]:
+    """Turn Pillow's errors for `path` into a ValueError naming the file; refuse decompression bombs."""
+    require_file(path, "image file")
+    with warnings.catch_warnings():
+        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; an error refuses the file either way.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            yield
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise ValueError(
+                f"{path}: image refused as a possible decompression bomb ({error}); if the file is trusted, "
+                f"raise PIL.Image.MAX_IMAGE_PIXELS (now {Image.MAX_IMAGE_PIXELS})"
+            ) from error
+        # SyntaxError: Pillow's PNG reader raises it for a corrupt chunk in the middle of a file.
+        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            raise ValueError(f"{path}: cannot decode image: {error}") from error
+
+
+def read_image_size(path: str) -> tuple[int, int]:
+    """(width, height) of an image file, read from its header without decoding the pixels."""
+    with _image_errors_as_value_error(path), Image.open(path) as image:
+        return image.size
+
+
+def read_rgb_image(path: str) -> torch.Tensor:
+    """Decode an image file into a (3, H, W) uint8 RGB tensor, whatever the stored mode.
+
+    Grayscale and palette images are expanded to RGB, alpha is dropped, and 16-bit images are scaled to 8 bits
+    (65535 -> 255) instead of being saturated as Pillow's convert("RGB") would. Raises ValueError naming the file
+    if it is missing, undecodable, truncated or larger than PIL.Image.MAX_IMAGE_PIXELS.
+    """
+    with _image_errors_as_value_error(path), Image.open(path) as image:
+        image.load()
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit gray ("I" holds it in older Pillow)
+            gray = np.round(np.asarray(image, dtype=np.float32) / 257.0).clip(0, 255).astype(np.uint8)
+            array = np.repeat(gray[:, :, None], 3, axis=2)  # (H, W) -> (H, W, 3)
+        else:
+            array = np.asarray(image.convert("RGB"))  # (H, W, 3)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()  # (H, W, 3) -> (3, H, W)
+
+
+def find_images(path: str) -> list[str]:
+    """[path] for an image file; the image files (IMAGE_EXTENSIONS) directly in a folder, sorted by name."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise ValueError(f"{path}: no such image file or folder")
+    names = sorted(name for name in os.listdir(path) if name.lower().endswith(IMAGE_EXTENSIONS))
+    image_paths = [os.path.join(path, name) for name in names if os.path.isfile(os.path.join(path, name))]
+    if not image_paths:
+        raise ValueError(f"{path}: no images found in this folder (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return image_paths

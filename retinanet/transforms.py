@@ -1,0 +1,129 @@
+"""The transforms of paper §4.1 "Inference and Training": images are resized so that their shorter side is 800
+pixels, the image scale of the paper's main models (Detectron caps the longer side at 1333), and "We use horizontal
+image flipping as the only form of data augmentation unless otherwise noted" (§4.1 "Optimization"); optional scale
+jitter draws the shorter side per training image, as for the paper's final COCO models (§5.3, Table 2). Images are
+then normalised with the ImageNet mean and std that the pretrained backbone expects.
+
+Legend for shapes: N boxes, H, W image size.
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics torchvision's ImageNet backbones were trained with
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# (image (3, H, W) float in [0, 1], boxes (N, 4)) -> (image, boxes, scale); see DetectionTransform
+Transform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, float]]
+
+
+class Resize:
+    """Resize so the shorter side is min_size unless the longer side would exceed max_size; then the longer side
+    is max_size (the paper's 800 pixels; Detectron's cap of 1333). min_size = (lo, hi) is scale jitter: the
+    shorter side is drawn uniformly from the integers lo..hi for each image (training only).
+
+    Called on (image (3, H, W), boxes (N, 4)), returns (image, boxes, scale): boxes are multiplied by scale.
+    """
+
+    def __init__(self, min_size: int | tuple[int, int] = 800, max_size: int = 1333):
+        low, high = min_size if isinstance(min_size, Sequence) else (min_size, min_size)
+        if not 0 < low <= high <= max_size:
+            raise ValueError(f"need 0 < min_size <= max_size (min_size a size or a (lo, hi) range), got "
+                             f"min_size={min_size}, max_size={max_size}")
+        self.min_size = min_size
+        self.max_size = max_size
+        self.size_range = (low, high)
+
+    def scale_for(self, height: int, width: int) -> float:
+        """The resize factor for an image of this size (random if min_size is a range)."""
+        low, high = self.size_range
+        shorter_side = int(torch.randint(low, high + 1, ())) if low < high else low
+        scale = shorter_side / min(height, width)
+        if max(height, width) * scale > self.max_size:
+            scale = self.max_size / max(height, width)
+        return scale
+
+    def __call__(self, image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        height, width = image.shape[-2:]
+        scale = self.scale_for(height, width)
+        new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
+        image = F.interpolate(
+            image[None], size=(new_height, new_width), mode="bilinear", antialias=True, align_corners=False
+        )[0]  # (1, 3, H, W) -> (3, H', W')
+        boxes = boxes * scale
+        # Rounding the image size can cut up to half a pixel off the far edges; keep boxes inside the image.
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, new_width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, new_height)
+        return image, boxes, scale
+
+
+class RandomHorizontalFlip:
+    """Flip image and boxes left-right with probability p (§4.1: "We use horizontal image flipping as the only
+    form of data augmentation"). A box x1, x2 in an image of width W becomes W - x2, W - x1."""
+
+    def __init__(self, p: float = 0.5):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"flip probability must be in [0, 1], got {p}")
+        self.p = p
+
+    def __call__(self, image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if float(torch.rand(())) >= self.p:
+            return image, boxes
+        width = image.shape[-1]
+        flipped = boxes.clone()
+        flipped[:, 0] = width - boxes[:, 2]
+        flipped[:, 2] = width - boxes[:, 0]
+        return image.flip(-1), flipped
+
+
+class Normalize:
+    """Subtract the per-channel mean and divide by the std (ImageNet's, which the pretrained backbone expects)."""
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+
+    def __call__(self, image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = torch.tensor(self.mean, dtype=image.dtype).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=image.dtype).view(3, 1, 1)
+        return (image - mean) / std, boxes
+
+
+class DetectionTransform:
+    """The whole pipeline of one item: resize (if any), flip (if any), normalise.
+
+    Called on (image (3, H, W) float in [0, 1], boxes (N, 4)), returns (image, boxes, scale), where scale is the
+    resize factor (1.0 without a resize); the dataset reports it as item["scale"]. A custom `transform` given to a
+    dataset must follow the same contract and keep the boxes in number and order.
+    """
+
+    def __init__(
+        self,
+        resize: Resize | None = None,
+        flip: RandomHorizontalFlip | None = None,
+        normalize: Normalize | None = None,
+    ):
+        self.resize = resize
+        self.flip = flip
+        self.normalize = normalize or Normalize()
+
+    def __call__(self, image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        scale = 1.0
+        if self.resize is not None:
+            image, boxes, scale = self.resize(image, boxes)
+        if self.flip is not None:
+            image, boxes = self.flip(image, boxes)
+        image, boxes = self.normalize(image, boxes)
+        return image, boxes, scale
+
+
+def build_transform(
+    train: bool, min_size: int = 800, max_size: int = 1333, jitter: tuple[int, int] | None = None
+) -> DetectionTransform:
+    """Training: resize (to min_size, or a shorter side drawn from the jitter range) + flip + normalise.
+    Evaluation: resize to min_size + normalise; jitter is a training setting and does not apply."""
+    if train:
+        return DetectionTransform(Resize(jitter or min_size, max_size), RandomHorizontalFlip(0.5))
+    return DetectionTransform(Resize(min_size, max_size))
