@@ -28,15 +28,14 @@ from tqdm import tqdm
 
 from retinanet.check import check_coco, check_csv, report
 from retinanet.checkpoint import (
-    build_from_checkpoint,
     infer_architecture,
+    model_from_checkpoint,
     model_state_dict,
     read_checkpoint,
     save_checkpoint,
 )
 from retinanet.dataloader import AspectRatioBatchSampler, CocoDataset, CSVDataset, collate
-from retinanet.losses import RetinaNetLoss
-from retinanet.model import PRETRAINED_FREEZE_AT, WeightsUnavailableError, build_retinanet, freeze_backbone
+from retinanet.model import PRETRAINED_FREEZE_AT, WeightsUnavailableError, build_retinanet
 from retinanet.predict import resolve_device
 from retinanet.shapes import make_shapes_dataset
 from retinanet.transforms import build_transform
@@ -169,31 +168,13 @@ def build_datasets(args, rank: int, world_size: int):
 
 
 def build_model(args, num_classes: int):
-    """The RetinaNet to train. Weights that start trained (ImageNet's, or a --fine_tune checkpoint's) get frozen
-    BatchNorm and, by default, a frozen stem and first stage (see build_retinanet). --resume rebuilds the run's
-    model, frozen as it was, without fetching ImageNet weights that the checkpoint's would replace anyway."""
-    loss = RetinaNetLoss(box_loss=args.box_loss, loss_normalizer=args.loss_normalizer)
     started_trained = args.pretrained is not False or args.fine_tune is not None
     freeze_at = args.freeze_at if args.freeze_at is not None else PRETRAINED_FREEZE_AT if started_trained else 0
     if args.fine_tune:
-        model = fine_tune_model(args.fine_tune, num_classes, loss)
-        model.freeze_bn()
-        freeze_backbone(model, freeze_at)
-        return model
+        return model_from_checkpoint(read_checkpoint(args.fine_tune), num_classes, freeze_bn=True, freeze_at=freeze_at)
     pretrained = False if args.resume else args.pretrained
     return build_retinanet(args.depth, num_classes, pretrained=pretrained, freeze_bn=started_trained,
-                           freeze_at=freeze_at, loss=loss)
-
-
-def fine_tune_model(path: str, num_classes: int, loss: RetinaNetLoss):
-    """A model with everything but the classification output layer from a checkpoint trained on other classes;
-    that layer is freshly initialised, prior bias included (§4.1)."""
-    source = build_from_checkpoint(read_checkpoint(path))
-    settings = dict(source.settings, num_classes=num_classes)
-    model = type(source)(**settings, loss=loss)
-    state = {k: v for k, v in source.state_dict().items() if not k.startswith("classificationModel.output.")}
-    model.load_state_dict(state, strict=False)
-    return model
+                           freeze_at=freeze_at, box_loss=args.box_loss, loss_normalizer=args.loss_normalizer)
 
 
 def build_optimizer(args, model, world_size: int) -> torch.optim.Optimizer:
@@ -259,7 +240,7 @@ def out_of_memory_hint(batch_shape: torch.Size):
 
 def check_same_architecture(path: str, state_dict: dict, model) -> None:
     """Raise ValueError, saying what differs, if a checkpoint's weights do not fit the model of this run."""
-    depth, num_classes = infer_architecture(state_dict)
+    depth, num_classes, _ = infer_architecture(state_dict)
     if (depth, num_classes) != (model.depth, model.num_classes):
         raise ValueError(
             f"{path}: holds a ResNet-{depth} RetinaNet for {num_classes} classes, but this run builds a "
@@ -308,7 +289,7 @@ class Trainer:
             "best_map": self.best_map,
             "skipped_batches": self.skipped_batches,
             "class_names": list(self.train_set.class_names),
-            "model_settings": dict(self.model.settings),
+            "model_settings": self.model.settings.as_dict(),
             "args": {k: v for k, v in vars(self.args).items()},
         }
 
@@ -502,7 +483,7 @@ def main(argv=None) -> int:
     if args.resume:
         trainer.resume(args.resume)
     trainer.log(
-        f"training a ResNet-{model.settings['depth']} RetinaNet on {len(train_set)} {args.dataset} images "
+        f"training a ResNet-{model.depth} RetinaNet on {len(train_set)} {args.dataset} images "
         f"({train_set.num_classes} classes) on {device} for {trainer.total_iters} iterations of "
         f"{args.batch_size * world_size} images, {args.optimizer} at lr {args.lr:g}, "
         f"{'mixed precision ' + str(trainer.amp_dtype).removeprefix('torch.') if trainer.amp_dtype else 'full precision'}"

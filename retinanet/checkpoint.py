@@ -1,9 +1,11 @@
 """Checkpoints: plain dicts of tensors and primitives, written atomically and read with weights_only=True.
 
-A checkpoint written by train.py holds "model" (the state dict), "optimizer", "scheduler", "scaler",
-"epoch", "iteration", "class_names", "model_settings" (RetinaNet's constructor arguments) and "args". A bare
-state dict, such as the COCO weights yhenon/pytorch-retinanet publishes, is accepted wherever a model is read:
-its depth and class count are inferred from the tensors' shapes.
+A checkpoint written by train.py holds "model" (the state dict), "model_settings" (the model's recipe,
+settings.ModelSettings), "class_names", and the training state: "optimizer", "scheduler", "scaler", "epoch",
+"iteration", "rng_state", "args". Everything that reads a checkpoint builds its model with model_from_checkpoint,
+which rebuilds exactly the model that was trained. A bare state dict, such as the COCO weights
+yhenon/pytorch-retinanet publishes, is accepted wherever a model is read: its depth, class count and anchors per
+location come from the tensors' shapes, everything else from yhenon's recipe (settings.YHENON_SETTINGS).
 """
 
 import os
@@ -14,9 +16,22 @@ from typing import NamedTuple
 import torch
 
 from .files import write_atomically
-from .model import RESNET_LAYOUTS, RetinaNet
+from .model import PRETRAINED_FREEZE_AT, RESNET_LAYOUTS, RetinaNet
+from .settings import BOX_CODINGS, YHENON_SETTINGS, ModelSettings
 
 WRAPPER_PREFIX = "module."  # what (Distributed)DataParallel adds to every key of the model it wraps
+# Parameter names of yhenon/pytorch-retinanet, which this project's checkpoints also used before the model was
+# composed of a backbone, an FPN and two subnets as in Figure 3: old prefix -> new prefix.
+RENAMED_PREFIXES = {
+    "conv1.": "backbone.conv1.", "bn1.": "backbone.bn1.", "layer1.": "backbone.layer1.",
+    "layer2.": "backbone.layer2.", "layer3.": "backbone.layer3.", "layer4.": "backbone.layer4.",
+    "fpn.P3_1.": "fpn.lateral3.", "fpn.P4_1.": "fpn.lateral4.", "fpn.P5_1.": "fpn.lateral5.",
+    "fpn.P3_2.": "fpn.output3.", "fpn.P4_2.": "fpn.output4.", "fpn.P5_2.": "fpn.output5.",
+    "fpn.P6.": "fpn.p6.", "fpn.P7_2.": "fpn.p7.",
+    "regressionModel.": "box_subnet.", "classificationModel.": "classification_subnet.",
+}
+CLASSIFICATION_OUTPUT = "classification_subnet.output."  # the layer fine-tuning on new classes starts afresh
+SHAPE_SETTINGS = ("depth", "p6_from", "num_anchors")  # change the tensors' shapes: fixed by the weights
 
 
 def save_checkpoint(checkpoint: dict, path: str) -> None:
@@ -50,57 +65,118 @@ def read_checkpoint(path: str) -> dict:
     return checkpoint
 
 
-def model_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
-    """The model's state dict in a train.py checkpoint, or the checkpoint itself if it is a bare state dict.
+def renamed_key(key: str) -> str:
+    """This project's name of a parameter: yhenon's and older names are renamed (RENAMED_PREFIXES)."""
+    for old, new in RENAMED_PREFIXES.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
 
-    Keys saved from a DataParallel or DistributedDataParallel wrapper ("module.conv1.weight") lose the prefix.
-    """
+
+def model_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The model's state dict in a train.py checkpoint, or the checkpoint itself if it is a bare state dict, with
+    this project's parameter names. Keys saved from a DataParallel or DistributedDataParallel wrapper
+    ("module.conv1.weight") lose the prefix."""
     state_dict = checkpoint["model"] if "model" in checkpoint else checkpoint
     if state_dict and all(key.startswith(WRAPPER_PREFIX) for key in state_dict):
-        return {key[len(WRAPPER_PREFIX):]: value for key, value in state_dict.items()}
-    return state_dict
+        state_dict = {key[len(WRAPPER_PREFIX):]: value for key, value in state_dict.items()}
+    return {renamed_key(key): value for key, value in state_dict.items()}
 
 
-def infer_architecture(state_dict: dict[str, torch.Tensor], num_anchors: int = 9) -> tuple[int, int]:
-    """(depth, num_classes) of a RetinaNet state dict, from the number and kind of residual blocks."""
-    if "classificationModel.output.weight" not in state_dict:
-        raise ValueError("not a RetinaNet state dict: it has no 'classificationModel.output.weight'")
-    num_classes = state_dict["classificationModel.output.weight"].shape[0] // num_anchors
+class Architecture(NamedTuple):
+    """What the tensors of a RetinaNet state dict fix."""
+
+    depth: int
+    num_classes: int
+    num_anchors: int  # A, per location
+
+
+def infer_architecture(state_dict: dict[str, torch.Tensor]) -> Architecture:
+    """Depth, class count and anchors per location of a RetinaNet state dict (this project's names), from the
+    number and kind of residual blocks and the subnets' output channels (4A boxes, KA classes)."""
+    if f"{CLASSIFICATION_OUTPUT}weight" not in state_dict or "box_subnet.output.weight" not in state_dict:
+        raise ValueError("not a RetinaNet state dict: it has no classification and box subnet outputs")
+    num_anchors = state_dict["box_subnet.output.weight"].shape[0] // 4
+    num_classes = state_dict[f"{CLASSIFICATION_OUTPUT}weight"].shape[0] // num_anchors
     blocks = tuple(
-        len({key.split(".")[1] for key in state_dict if key.startswith(f"layer{stage}.")}) for stage in range(1, 5)
+        len({key.split(".")[2] for key in state_dict if key.startswith(f"backbone.layer{stage}.")})
+        for stage in range(1, 5)
     )
-    bottleneck = "layer1.0.conv3.weight" in state_dict
+    bottleneck = "backbone.layer1.0.conv3.weight" in state_dict
     for depth, (block, layout) in RESNET_LAYOUTS.items():
         if layout == blocks and (block.expansion == 4) == bottleneck:
-            return depth, num_classes
+            return Architecture(depth, num_classes, num_anchors)
     raise ValueError(f"not a ResNet backbone of a known depth: blocks per stage {blocks}")
 
 
-def build_from_checkpoint(checkpoint: dict) -> RetinaNet:
-    """A RetinaNet with the checkpoint's architecture and settings, its weights loaded."""
+def legacy_settings(checkpoint: dict) -> dict:
+    """Settings that checkpoints written before every setting was a model setting keep elsewhere: their image
+    sizes, box loss and freezing in the training arguments, and a smooth L1 β that was 1/9 for this project's
+    (0.1, 0.1, 0.2, 0.2) coding and an L1 loss (β = 0) for converted torchvision weights (std 1, 1, 1, 1)."""
+    settings = checkpoint["model_settings"]
+    args = checkpoint.get("args", {})
+    legacy = {name: args[name] for name in ("min_size", "max_size", "box_loss", "loss_normalizer") if name in args}
+    if "smooth_l1_beta" not in settings:
+        yhenon_std = tuple(settings.get("box_coder_std", ())) == BOX_CODINGS["yhenon"][0]
+        legacy["smooth_l1_beta"] = BOX_CODINGS["yhenon" if yhenon_std else "torchvision"][1]
+    if "freeze_bn" not in settings and "pretrained" in args:
+        started_trained = args["pretrained"] is not False or args.get("fine_tune") is not None
+        legacy["freeze_bn"] = started_trained
+        default_freeze_at = PRETRAINED_FREEZE_AT if started_trained else 0
+        legacy["freeze_at"] = args["freeze_at"] if args.get("freeze_at") is not None else default_freeze_at
+    return legacy
+
+
+def checkpoint_settings(checkpoint: dict) -> ModelSettings:
+    """The recipe of the model in a checkpoint; for a bare state dict, yhenon's with the tensors' architecture."""
+    architecture = infer_architecture(model_state_dict(checkpoint))
+    if "model_settings" in checkpoint:
+        stored = {**checkpoint["model_settings"], **legacy_settings(checkpoint)}
+    else:
+        stored = dict(YHENON_SETTINGS, depth=architecture.depth, num_classes=architecture.num_classes)
+    settings = ModelSettings(**stored)
+    found = Architecture(settings.depth, settings.num_classes, settings.num_anchors)
+    if found != architecture:
+        raise ValueError(f"the checkpoint's settings describe {found}, its weights {architecture}")
+    return settings
+
+
+def model_from_checkpoint(checkpoint: dict, num_classes: int | None = None, **changes) -> RetinaNet:
+    """The model of a checkpoint, rebuilt from its settings, with its weights.
+
+    With another `num_classes` (fine-tuning on other classes), every weight but the classification output layer is
+    loaded; that layer starts afresh, with the prior's bias (§4.1 "Initialization"). `changes` are other settings
+    to change (image sizes, freezing, thresholds, ...); those that fix tensor shapes (SHAPE_SETTINGS) cannot change.
+    """
+    settings = checkpoint_settings(checkpoint)
+    new_settings = settings.replace(num_classes=num_classes or settings.num_classes, **changes)
+    fixed = [f"{name} {getattr(settings, name)} (not {getattr(new_settings, name)})" for name in SHAPE_SETTINGS
+             if getattr(new_settings, name) != getattr(settings, name)]
+    if fixed:
+        raise ValueError(f"the checkpoint's weights fix {', '.join(fixed)}")
+    model = RetinaNet(new_settings)
     state_dict = model_state_dict(checkpoint)
-    depth, num_classes = infer_architecture(state_dict)
-    settings = dict(checkpoint.get("model_settings", {}), depth=depth, num_classes=num_classes)
-    model = RetinaNet(**settings)
-    model.load_state_dict(state_dict)
+    if new_settings.num_classes != settings.num_classes:
+        state_dict = {key: value for key, value in state_dict.items() if not key.startswith(CLASSIFICATION_OUTPUT)}
+        model.load_state_dict(state_dict | {key: value for key, value in model.state_dict().items()
+                                            if key.startswith(CLASSIFICATION_OUTPUT)})
+    else:
+        model.load_state_dict(state_dict)
     return model
 
 
 class LoadedModel(NamedTuple):
-    """A ready model, its class names (index = label) and the (min_size, max_size) resize it was trained with
-    (None for a bare state dict, which does not say)."""
+    """A ready model and its class names (index = label); its settings say everything else, the image size it
+    was trained at included."""
 
     model: RetinaNet
     class_names: list[str]
-    image_size: tuple[int, int] | None
 
 
 def load_model(path: str, device: str | torch.device = "cpu") -> LoadedModel:
-    """A RetinaNet in eval mode on `device`, with its class names and training image size, from a checkpoint
-    written by train.py or a bare state dict."""
+    """A RetinaNet in eval mode on `device`, with its class names, from a checkpoint written by train.py, a
+    checkpoint of tools/convert_torchvision.py, or a bare state dict."""
     checkpoint = read_checkpoint(path)
-    model = build_from_checkpoint(checkpoint)
+    model = model_from_checkpoint(checkpoint)
     class_names = checkpoint.get("class_names") or [str(label) for label in range(model.num_classes)]
-    train_args = checkpoint.get("args", {})
-    image_size = (train_args["min_size"], train_args["max_size"]) if "min_size" in train_args else None
-    return LoadedModel(model.to(device).eval(), list(class_names), image_size)
+    return LoadedModel(model.to(device).eval(), list(class_names))

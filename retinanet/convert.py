@@ -1,17 +1,18 @@
 """torchvision's RetinaNet weights as a checkpoint of this project, detecting exactly as in torchvision.
 
 torchvision's `retinanet_resnet50_fpn` (v1; COCO_V1 weights, 36.4 box AP on COCO val2017) is the paper's ResNet-50
-RetinaNet (§3.3, §4) with a few choices of its own. Each is a RetinaNet setting here (TORCHVISION_SETTINGS),
-saved in the checkpoint and replayed by checkpoint.build_from_checkpoint, so nothing about torchvision is hidden
-in the model code. Its parameters only need new names; its BatchNorm epsilon is folded into the weights.
+RetinaNet (§4, §4.1) with a few choices of its own. Each is a model setting here (TORCHVISION_SETTINGS), saved in
+the checkpoint and replayed by checkpoint.model_from_checkpoint, so nothing about torchvision is hidden in the
+model code. Its parameters only need new names; its BatchNorm epsilon is folded into the weights.
 
-yhenon/pytorch-retinanet's state dicts need no conversion: its parameter names are this project's.
+yhenon/pytorch-retinanet's state dicts need no conversion: checkpoint.RENAMED_PREFIXES renames them on loading.
 """
 
 import torch
 from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
 
 from .model import RetinaNet
+from .settings import BOX_CODINGS, ModelSettings
 
 # torchvision's RetinaNet where it differs from the paper's defaults (score threshold 0.05, 1000 candidates per
 # level and NMS 0.5 are the same there).
@@ -20,8 +21,11 @@ TORCHVISION_SETTINGS = dict(
     p6_from="p5",  # LastLevelP6P7(256, 256): P6 from the 256-channel P5, not from C5 (footnote 2)
     anchor_centre_offset=0.0,  # AnchorGenerator shifts anchors by arange(grid) * stride: the cells' corners
     integer_anchors=True,  # sizes (x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3))), base_anchors.round()
-    box_coder_std=(1.0, 1.0, 1.0, 1.0),  # BoxCoder(weights=(1.0, 1.0, 1.0, 1.0)): raw R-CNN deltas
+    box_coder_std=BOX_CODINGS["torchvision"][0],  # BoxCoder(weights=(1.0, 1.0, 1.0, 1.0)): raw R-CNN deltas
+    smooth_l1_beta=BOX_CODINGS["torchvision"][1],  # its regression loss is L1 (fine-tuning here keeps it)
     max_detections=300,  # detections_per_img=300
+    min_size=800,  # GeneralizedRCNNTransform(min_size=800, max_size=1333)
+    max_size=1333,
 )
 # torchvision runs the COCO_V1 weights with FrozenBatchNorm2d's eps set to 0 (overwrite_eps, pytorch/vision#2933)
 COCO_V1_BATCHNORM_EPS = 0.0
@@ -29,8 +33,8 @@ BATCHNORM_EPS = 1e-5  # nn.BatchNorm2d's default, which this project's ResNet us
 NUM_ANCHORS = 9  # A: torchvision's anchor generator has 3 sizes x 3 aspect ratios per level, as the paper (§4)
 COCO_OUTPUTS = 91  # torchvision's COCO models: one output per COCO category id 0..90 (see coco_labels)
 # torchvision's module names -> ours
-EXTRA_LEVELS = {"p6": "P6", "p7": "P7_2"}
-HEADS = {"classification_head": "classificationModel", "regression_head": "regressionModel"}
+EXTRA_LEVELS = {"p6": "p6", "p7": "p7"}
+HEADS = {"classification_head": "classification_subnet", "regression_head": "box_subnet"}
 
 
 def coco_labels() -> tuple[list[int], list[str]]:
@@ -51,13 +55,13 @@ def our_key(key: str) -> str:
     published COCO_V1 file predates that ("conv.2.weight": the ReLUs sit at the odd indices)."""
     parts = key.split(".")
     if key.startswith("backbone.body."):  # torchvision's ResNet-50: the same names as ours
-        return key.removeprefix("backbone.body.")
+        return "backbone." + key.removeprefix("backbone.body.")
     if key.startswith("backbone.fpn.extra_blocks."):
         return f"fpn.{EXTRA_LEVELS[parts[3]]}.{parts[-1]}"
     if key.startswith(("backbone.fpn.inner_blocks.", "backbone.fpn.layer_blocks.")):
         level = int(parts[3]) + 3  # blocks 0, 1, 2 act on C3, C4, C5
-        conv = "1" if parts[2] == "inner_blocks" else "2"  # 1x1 lateral, 3x3 output
-        return f"fpn.P{level}_{conv}.{parts[-1]}"
+        conv = "lateral" if parts[2] == "inner_blocks" else "output"  # 1x1 lateral, 3x3 output
+        return f"fpn.{conv}{level}.{parts[-1]}"
     if key.startswith("head.") and parts[1] in HEADS:
         head = HEADS[parts[1]]
         if parts[2] in ("cls_logits", "bbox_reg"):
@@ -84,14 +88,14 @@ def fold_batchnorm_eps(state_dict: dict[str, torch.Tensor], source_eps: float) -
 
 def keep_classes(state_dict: dict[str, torch.Tensor], labels: list[int]) -> None:
     """Keep only the classification outputs of `labels` (in that order) in place: output channel a*K + k."""
-    weight = state_dict["classificationModel.output.weight"]  # (A*K, C, 3, 3)
-    bias = state_dict["classificationModel.output.bias"]  # (A*K,)
+    weight = state_dict["classification_subnet.output.weight"]  # (A*K, C, 3, 3)
+    bias = state_dict["classification_subnet.output.bias"]  # (A*K,)
     num_classes = weight.shape[0] // NUM_ANCHORS
     index = torch.tensor(labels)
     kept_weight = weight.reshape(NUM_ANCHORS, num_classes, *weight.shape[1:])[:, index]  # (A, K', C, 3, 3)
-    state_dict["classificationModel.output.weight"] = kept_weight.flatten(0, 1)  # (A*K', C, 3, 3)
+    state_dict["classification_subnet.output.weight"] = kept_weight.flatten(0, 1)  # (A*K', C, 3, 3)
     kept_bias = bias.reshape(NUM_ANCHORS, num_classes)[:, index]  # (A*K,) -> (A, K) -> (A, K')
-    state_dict["classificationModel.output.bias"] = kept_bias.flatten()  # (A*K',)
+    state_dict["classification_subnet.output.bias"] = kept_bias.flatten()  # (A*K',)
 
 
 def convert_torchvision(torchvision_state: dict[str, torch.Tensor], source_eps: float = COCO_V1_BATCHNORM_EPS) -> dict:
@@ -103,12 +107,11 @@ def convert_torchvision(torchvision_state: dict[str, torch.Tensor], source_eps: 
     is kept as it is, label i being torchvision's label i. `source_eps` is the BatchNorm epsilon torchvision runs
     the weights with: 0 for COCO_V1, 1e-5 (its default) for weights trained with torchvision.
 
-    Images are normalised as here (ImageNet mean and std of 0..1 RGB). The checkpoint has no training "args", so
-    the evaluation scripts resize to their default 800 / 1333, torchvision's min_size and max_size.
+    Images are normalised as here (ImageNet mean and std of 0..1 RGB) and resized as torchvision does (800 / 1333).
     """
     state_dict = {our_key(key): value for key, value in torchvision_state.items()}
     fold_batchnorm_eps(state_dict, source_eps)
-    num_classes = state_dict["classificationModel.output.bias"].shape[0] // NUM_ANCHORS
+    num_classes = state_dict["classification_subnet.output.bias"].shape[0] // NUM_ANCHORS
     if num_classes == COCO_OUTPUTS:
         labels, class_names = coco_labels()
         keep_classes(state_dict, labels)
@@ -122,7 +125,7 @@ def convert_torchvision(torchvision_state: dict[str, torch.Tensor], source_eps: 
 def check_fits(state_dict: dict[str, torch.Tensor], settings: dict) -> None:
     """Raise a ValueError unless `state_dict` has exactly the tensors, and shapes, of RetinaNet(**settings)."""
     with torch.device("meta"):  # shapes only: no memory, no initialisation
-        expected = {key: value.shape for key, value in RetinaNet(**settings).state_dict().items()}
+        expected = {key: value.shape for key, value in RetinaNet(ModelSettings(**settings)).state_dict().items()}
     found = {key: value.shape for key, value in state_dict.items()}
     if found != expected:
         differences = sorted(key for key in expected.keys() | found.keys() if expected.get(key) != found.get(key))

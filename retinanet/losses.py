@@ -1,23 +1,28 @@
-"""Focal loss (paper §3.2, Eq. 5), anchor matching (§4 "Training") and the RetinaNet training loss (§3.3, §4).
+"""Focal loss (paper §3.2, Eq. 5), anchor assignment (§4 "Anchors") and the RetinaNet training loss (§4.1 "Focal
+Loss" and "Optimization").
 
 Training a RetinaNet has three stages, each a function below:
 1. `match_anchors`: give each anchor the ground-truth box it overlaps most, or mark it background or ignored.
 2. `focal_loss` over every non-ignored anchor and class, and a box regression loss over foreground anchors.
-3. Normalise both "by the number of anchors assigned to a ground-truth box" (§3.3).
+3. Normalise both "by the number of anchors assigned to a ground-truth box" (§4.1 "Focal Loss").
 
 Legend for shapes: B batch, R anchors over all levels, K classes, G ground-truth boxes per image (padded).
 """
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torchvision.ops import box_iou, generalized_box_iou_loss
 
-from .boxes import BOX_CODER_STD, decode, encode
+from .boxes import decode, encode
+from .settings import ModelSettings
 
 # Match states of an anchor that is not assigned to a ground-truth box (a matched anchor holds the box's index).
 BACKGROUND = -1  # IoU below bg_iou with every box: a negative for every class
-IGNORED = -2  # IoU in [bg_iou, fg_iou): "ignored during training" (§4)
+IGNORED = -2  # IoU in [bg_iou, fg_iou): "ignored during training" (§4 "Anchors")
+EMA_START = 100.0  # detectron2's first value of the moving average of the foreground count
 
 
 class FocalLoss(torch.autograd.Function):
@@ -43,6 +48,7 @@ class FocalLoss(torch.autograd.Function):
         return alpha_t * modulating_factor * cross_entropy
 
     @staticmethod
+    @once_differentiable  # the saved gradient is a constant: no second derivative through it
     def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         (grad_logits,) = ctx.saved_tensors
         return grad_loss * grad_logits, None, None, None
@@ -69,14 +75,15 @@ def match_anchors(
 ) -> torch.Tensor:
     """Assign the (R, 4) anchors of one image to its (G, 4) ground-truth boxes; returns (R,) int64.
 
-    §4: "anchors are assigned to ground-truth object boxes using an intersection-over-union (IoU) threshold of
-    0.5; and to background if their IoU is in [0, 0.4). [...] Unassigned anchors with overlap in [0.4, 0.5)
-    are ignored during training." Each entry is the index of the matched box, BACKGROUND or IGNORED. Boxes whose
-    (G,) `gt_valid` flag is False (padding) match nothing.
+    §4 "Anchors": "anchors are assigned to ground-truth object boxes using an intersection-over-union (IoU)
+    threshold of 0.5; and to background if their IoU is in [0, 0.4). [...] Unassigned anchors with overlap in
+    [0.4, 0.5) are ignored during training." Each entry is the index of the matched box, BACKGROUND or IGNORED.
+    Boxes whose (G,) `gt_valid` flag is False (padding) match nothing.
 
-    Low-quality matches (not in the paper; Faster R-CNN, Detectron, detectron2 and torchvision all do it): a
-    box that no anchor overlaps by fg_iou still gets the anchors it overlaps most, so that no object, however
-    small or thin, is left without a positive anchor.
+    Low-quality matches (not in the paper; as Faster R-CNN's RPN, detectron2 and torchvision): a box that no
+    anchor overlaps by fg_iou still gets the anchors it overlaps most, whatever their IoU, so that no object,
+    however small or thin, is left without a positive anchor. Detectron's RetinaNet makes such matches too but
+    then sets those below bg_iou back to background; yhenon/pytorch-retinanet makes none.
     """
     if gt_boxes.shape[0] == 0:
         return torch.full((anchors.shape[0],), BACKGROUND, dtype=torch.long, device=anchors.device)
@@ -104,48 +111,35 @@ def match_batch(anchors: torch.Tensor, annotations: torch.Tensor, **match_kwargs
 
 
 class RetinaNetLoss(nn.Module):
-    """Classification (focal) and box regression losses of a batch, normalised by the foreground anchor count.
+    """Classification (focal) and box regression losses of a batch, normalised by the foreground anchor count, with
+    every hyperparameter from the model's settings (alpha, gamma, fg_iou, bg_iou, allow_low_quality_matches,
+    box_coder_std, smooth_l1_beta, box_loss, loss_normalizer, loss_normalizer_momentum; see settings.py).
 
-    Paper defaults throughout; two alternatives that detectron2 offers are options:
+    Paper defaults throughout; two alternatives that detectron2 offers are settings:
     - box_loss="giou": generalized IoU loss on decoded boxes (Rezatofighi et al. 2019; detectron2's
       `bbox_reg_loss_type="giou"`) instead of the paper's smooth L1 on encoded offsets.
     - loss_normalizer="ema": divide by an exponential moving average of the foreground count (detectron2's
-      `loss_normalizer_momentum=0.9`), steadier than the per-batch count with small batches.
+      `loss_normalizer_momentum=0.9`), steadier than the per-batch count with small batches. Under
+      DistributedDataParallel the count entering the average is the mean over all processes.
     """
 
-    def __init__(
-        self,
-        alpha: float = 0.25,  # §3.2 Eq. 5 / §5.1: "α = 0.25 works best" with γ = 2
-        gamma: float = 2.0,  # §3.2 Eq. 5 / §5.1: "γ = 2 works well in practice"
-        fg_iou: float = 0.5,  # §4: "an IoU threshold of 0.5"
-        bg_iou: float = 0.4,  # §4: "background if their IoU is in [0, 0.4)"
-        allow_low_quality_matches: bool = True,
-        box_coder_std: tuple[float, ...] = BOX_CODER_STD,
-        smooth_l1_beta: float = 1 / 9,  # §3.3 "standard smooth L1 loss"; β = 1/9 as in Detectron's RetinaNet
-        box_loss: str = "smooth_l1",
-        loss_normalizer: str = "batch",
-        loss_normalizer_momentum: float = 0.9,
-    ):
+    def __init__(self, settings: ModelSettings):
         super().__init__()
-        if box_loss not in ("smooth_l1", "giou"):
-            raise ValueError(f"box_loss must be 'smooth_l1' or 'giou', got {box_loss!r}")
-        if loss_normalizer not in ("batch", "ema"):
-            raise ValueError(f"loss_normalizer must be 'batch' or 'ema', got {loss_normalizer!r}")
-        self.alpha, self.gamma = alpha, gamma
-        self.match_kwargs = dict(fg_iou=fg_iou, bg_iou=bg_iou, allow_low_quality_matches=allow_low_quality_matches)
-        self.box_coder_std = tuple(box_coder_std)
-        self.smooth_l1_beta = smooth_l1_beta
-        self.box_loss = box_loss
-        self.loss_normalizer = loss_normalizer
-        self.loss_normalizer_momentum = loss_normalizer_momentum
-        self.register_buffer("foreground_ema", torch.tensor(100.0), persistent=False)  # detectron2's start value
+        self.settings = settings
+        self.match_kwargs = dict(fg_iou=settings.fg_iou, bg_iou=settings.bg_iou,
+                                 allow_low_quality_matches=settings.allow_low_quality_matches)
+        self.register_buffer("foreground_ema", torch.tensor(EMA_START), persistent=False)  # train.py saves it
 
     def normalizer(self, num_foreground: torch.Tensor) -> torch.Tensor:
-        """§3.3: "normalized by the number of anchors assigned to a ground-truth box" (at least 1)."""
-        if self.loss_normalizer == "batch":
+        """§4.1 "Focal Loss": "normalized by the number of anchors assigned to a ground-truth box" (at least 1)."""
+        if self.settings.loss_normalizer == "batch":
             return num_foreground.clamp(min=1)
         if self.training:
-            momentum = self.loss_normalizer_momentum
+            if dist.is_available() and dist.is_initialized():
+                num_foreground = num_foreground.clone()
+                dist.all_reduce(num_foreground)  # the same average on every process
+                num_foreground /= dist.get_world_size()
+            momentum = self.settings.loss_normalizer_momentum
             self.foreground_ema.mul_(momentum).add_((1 - momentum) * num_foreground)
         return self.foreground_ema.clamp(min=1)
 
@@ -176,7 +170,7 @@ class RetinaNetLoss(nn.Module):
         # One image at a time: a CPU's memory allocator recycles the (R, K) temporaries of one image, where those
         # of a whole (B, R, K) batch come back as fresh pages from the OS at every step (3x slower on 2 cores).
         cls_loss = sum(
-            (focal_loss(logits, labels[:, None] == classes, self.alpha, self.gamma).sum(dim=-1) * counted).sum()
+            (focal_loss(logits, labels[:, None] == classes, self.settings.alpha, self.settings.gamma).sum(dim=-1) * counted).sum()
             for logits, labels, counted in zip(cls_logits, matched_labels, not_ignored)
         )  # per image: (R, 1) == (K,) -> (R, K) one-hot targets; losses (R, K) -> (R,) -> ()
         cls_loss = cls_loss / normalizer
@@ -188,8 +182,9 @@ class RetinaNetLoss(nn.Module):
 
     def regression_loss(self, deltas: torch.Tensor, anchors: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
         """Box loss (B, R) of (B, R, 4) predicted offsets from (R, 4) anchors against (B, R, 4) boxes."""
-        if self.box_loss == "giou":
-            predicted = decode(anchors, deltas, self.box_coder_std)  # (B, R, 4)
-            return generalized_box_iou_loss(predicted, gt_boxes, reduction="none")
-        targets = encode(anchors, gt_boxes, self.box_coder_std)  # (B, R, 4)
-        return F.smooth_l1_loss(deltas, targets, beta=self.smooth_l1_beta, reduction="none").sum(dim=-1)
+        std = self.settings.box_coder_std
+        if self.settings.box_loss == "giou":
+            return generalized_box_iou_loss(decode(anchors, deltas, std), gt_boxes, reduction="none")  # (B, R, 4) -> (B, R)
+        targets = encode(anchors, gt_boxes, std)  # (B, R, 4)
+        # §4.1 "Optimization": "the standard smooth L1 loss used for box regression"; β per the settings' box coding
+        return F.smooth_l1_loss(deltas, targets, beta=self.settings.smooth_l1_beta, reduction="none").sum(dim=-1)

@@ -1,8 +1,11 @@
-"""RetinaNet (paper §3.3 "RetinaNet Detector", Figure 3): a ResNet, a feature pyramid on top of it, and two
-small subnets that classify and regress boxes at every anchor of every pyramid level. Read top to bottom:
-backbone, FPN, subnets, the detector that ties them together with its initialization (§4.1) and inference (§4).
+"""RetinaNet (paper §4 "RetinaNet Detector", Figure 3): a ResNet backbone, a feature pyramid on top of it, and two
+small subnets that classify and regress boxes at every anchor of every pyramid level. Read top to bottom: backbone,
+FPN, subnets, and the detector that composes them as Figure 3 draws it, initialised as §4.1 "Initialization" says.
+The training targets and losses are in losses.py, the inference rule of §4.1 in inference.py, every setting in
+settings.py.
 
-Legend for shapes: B batch, A anchors per location (9), K classes, H, W feature size, R anchors over all levels.
+Legend for shapes: B batch, A anchors per location (9 by default), K classes, H, W feature size, R anchors over all
+levels.
 """
 
 import math
@@ -14,11 +17,11 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
-from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from .anchors import Anchors
-from .boxes import BOX_CODER_STD, decode
+from .inference import detect
 from .losses import RetinaNetLoss
+from .settings import ModelSettings
 
 # depth -> (residual block, blocks per stage), He et al. 2016, Table 1
 RESNET_LAYOUTS = {
@@ -28,12 +31,12 @@ RESNET_LAYOUTS = {
     101: (Bottleneck, (3, 4, 23, 3)),
     152: (Bottleneck, (3, 8, 36, 3)),
 }
+FPN_CHANNELS = 256  # §4: "all pyramid levels have C = 256 channels"
 
 
 class ResNet(nn.Module):
-    """The backbone (§3.3 "Feature Pyramid Network Backbone"): a ResNet whose stages conv3..conv5 give the
-    feature maps C3, C4, C5 at strides 8, 16, 32. Names follow torchvision, so ImageNet weights load as they are.
-    """
+    """The backbone (§4 "Feature Pyramid Network Backbone"): a ResNet whose stages conv3..conv5 give the feature
+    maps C3, C4, C5 at strides 8, 16, 32. Names follow torchvision, so its ImageNet weights load as they are."""
 
     def __init__(self, depth: int = 50):
         super().__init__()
@@ -70,7 +73,7 @@ class ResNet(nn.Module):
         blocks += [block(self.inplanes, width) for _ in range(1, num_blocks)]
         return nn.Sequential(*blocks)
 
-    def backbone_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """C3, C4, C5 of a (B, 3, H, W) batch."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
         c3 = self.layer2(self.layer1(x))
@@ -80,54 +83,43 @@ class ResNet(nn.Module):
 
 
 class PyramidFeatures(nn.Module):
-    """Feature Pyramid Network (§3.3, Lin et al. 2017 FPN): P3..P7, each with `feature_size` channels.
-
-    Attribute names (P5_1, P5_2, ...) are those of yhenon/pytorch-retinanet, whose checkpoints load unchanged.
+    """Feature Pyramid Network (§4 "Feature Pyramid Network Backbone", after Lin et al.'s FPN): P3..P7, each with
+    C channels. Lateral 1x1 convs bring C3..C5 to C channels, a top-down path adds each coarser level upsampled,
+    and a 3x3 conv smooths each merged map; P6 and P7 are computed from C5 (footnote 2), not from the top-down path.
     """
 
-    def __init__(
-        self,
-        c3_channels: int,
-        c4_channels: int,
-        c5_channels: int,
-        feature_size: int = 256,
-        p6_from: str = "c5",  # footnote 2: P6 from C5; torchvision's retinanet_resnet50_fpn (v1) takes it from P5
-    ):
+    def __init__(self, c3_channels: int, c4_channels: int, c5_channels: int, channels: int = FPN_CHANNELS,
+                 p6_from: str = "c5"):
         super().__init__()
-        if p6_from not in ("c5", "p5"):
-            raise ValueError(f'p6_from must be "c5" (the paper) or "p5" (torchvision), got {p6_from!r}')
         self.p6_from = p6_from
-        # "_1" convs are the 1x1 lateral connections, "_2" the 3x3 convs that smooth each merged map.
-        self.P5_1 = nn.Conv2d(c5_channels, feature_size, kernel_size=1)
-        self.P5_2 = nn.Conv2d(feature_size, feature_size, kernel_size=3, padding=1)
-        self.P4_1 = nn.Conv2d(c4_channels, feature_size, kernel_size=1)
-        self.P4_2 = nn.Conv2d(feature_size, feature_size, kernel_size=3, padding=1)
-        self.P3_1 = nn.Conv2d(c3_channels, feature_size, kernel_size=1)
-        self.P3_2 = nn.Conv2d(feature_size, feature_size, kernel_size=3, padding=1)
-        # Footnote 2: "P6 is obtained via a 3×3 stride-2 conv on C5, and P7 is computed by applying ReLU
-        # followed by a 3×3 stride-2 conv on P6."
-        p6_channels = c5_channels if p6_from == "c5" else feature_size
-        self.P6 = nn.Conv2d(p6_channels, feature_size, kernel_size=3, stride=2, padding=1)
-        self.P7_2 = nn.Conv2d(feature_size, feature_size, kernel_size=3, stride=2, padding=1)
+        self.lateral3 = nn.Conv2d(c3_channels, channels, kernel_size=1)
+        self.lateral4 = nn.Conv2d(c4_channels, channels, kernel_size=1)
+        self.lateral5 = nn.Conv2d(c5_channels, channels, kernel_size=1)
+        self.output3 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.output4 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.output5 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        # Footnote 2: "P6 is obtained via a 3×3 stride-2 conv on C5, and P7 is computed by applying ReLU followed
+        # by a 3×3 stride-2 conv on P6." torchvision's retinanet_resnet50_fpn (v1) takes P6 from P5 instead.
+        self.p6 = nn.Conv2d(c5_channels if p6_from == "c5" else channels, channels, kernel_size=3, stride=2, padding=1)
+        self.p7 = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_uniform_(module.weight, a=1)  # Caffe2's "xavier" fill, as Detectron's FPN
                 nn.init.zeros_(module.bias)
 
     def forward(self, c3: torch.Tensor, c4: torch.Tensor, c5: torch.Tensor) -> list[torch.Tensor]:
-        """[P3, P4, P5, P6, P7] from C3, C4, C5: top-down pathway with nearest-neighbour upsampling, each level
-        the sum of the upsampled coarser level and a 1x1 lateral conv of the backbone's map."""
-        p5 = self.P5_1(c5)
-        p4 = self.P4_1(c4) + F.interpolate(p5, size=c4.shape[-2:], mode="nearest")
-        p3 = self.P3_1(c3) + F.interpolate(p4, size=c3.shape[-2:], mode="nearest")
-        outputs = [self.P3_2(p3), self.P4_2(p4), self.P5_2(p5)]
-        p6 = self.P6(c5 if self.p6_from == "c5" else outputs[-1])  # with "p5", the smoothed P5 (as torchvision)
-        p7 = self.P7_2(F.relu(p6))
+        """[P3, P4, P5, P6, P7] from C3, C4, C5; nearest-neighbour upsampling in the top-down path."""
+        p5 = self.lateral5(c5)
+        p4 = self.lateral4(c4) + F.interpolate(p5, size=c4.shape[-2:], mode="nearest")
+        p3 = self.lateral3(c3) + F.interpolate(p4, size=c3.shape[-2:], mode="nearest")
+        outputs = [self.output3(p3), self.output4(p4), self.output5(p5)]
+        p6 = self.p6(c5 if self.p6_from == "c5" else outputs[-1])  # with "p5", the smoothed P5 (as torchvision)
+        p7 = self.p7(F.relu(p6))
         return outputs + [p6, p7]
 
 
 class Subnet(nn.Module):
-    """One of the two subnets (§3.3 "Classification Subnet", "Box Regression Subnet"): "four 3×3 conv layers,
+    """One of the two subnets (§4 "Classification Subnet", "Box Regression Subnet"): "four 3×3 conv layers,
     each with C filters and each followed by ReLU activations, followed by a 3×3 conv layer" with A·outputs
     filters. Shared across all pyramid levels.
 
@@ -135,7 +127,7 @@ class Subnet(nn.Module):
     with bias b = 0 and a Gaussian weight fill with σ = 0.01."
     """
 
-    def __init__(self, in_channels: int, outputs_per_anchor: int, num_anchors: int = 9, feature_size: int = 256):
+    def __init__(self, in_channels: int, outputs_per_anchor: int, num_anchors: int, feature_size: int = FPN_CHANNELS):
         super().__init__()
         self.outputs_per_anchor = outputs_per_anchor
         self.conv1 = nn.Conv2d(in_channels, feature_size, kernel_size=3, padding=1)
@@ -159,15 +151,15 @@ class Subnet(nn.Module):
 
 class RegressionModel(Subnet):
     """Box regression subnet: "For each of the A anchors per spatial location, these 4 outputs predict the
-    relative offset between the anchor and the ground-truth box" (§3.3). Outputs (B, H*W*A, 4)."""
+    relative offset between the anchor and the ground-truth box" (§4). Outputs (B, H*W*A, 4)."""
 
-    def __init__(self, in_channels: int, num_anchors: int = 9, feature_size: int = 256):
+    def __init__(self, in_channels: int, num_anchors: int, feature_size: int = FPN_CHANNELS):
         super().__init__(in_channels, 4, num_anchors, feature_size)
 
 
 class ClassificationModel(Subnet):
     """Classification subnet: outputs (B, H*W*A, K) logits, "the probability of object presence at each spatial
-    position for each of the A anchors and K object classes" (§3.3) once passed through a sigmoid. Returning
+    position for each of the A anchors and K object classes" (§4) once passed through a sigmoid. Returning
     logits lets the loss use log-sigmoid exactly; the sigmoid is applied at inference.
     """
 
@@ -175,132 +167,120 @@ class ClassificationModel(Subnet):
         self,
         in_channels: int,
         num_classes: int,
-        num_anchors: int = 9,
-        feature_size: int = 256,
-        prior: float = 0.01,  # §4.1: π = 0.01 "in all experiments"
+        num_anchors: int,
+        feature_size: int = FPN_CHANNELS,
+        prior: float = 0.01,  # §4.1 "Initialization": π = 0.01 "in all experiments"
     ):
         super().__init__(in_channels, num_classes, num_anchors, feature_size)
-        # §3.3 "Initialization": "we set the bias initialization to b = −log((1 − π)/π), where π specifies that
-        # at the start of training every anchor should be labeled as foreground with confidence of ∼π".
+        # §4.1 "Initialization": "For the final conv layer of the classification subnet, we set the bias
+        # initialization to b = −log((1 − π)/π), where π specifies that at the start of training every anchor
+        # should be labeled as foreground with confidence of ∼π" (the prior of §3.3).
         nn.init.constant_(self.output.bias, -math.log((1 - prior) / prior))
 
 
-class RetinaNet(ResNet):
-    """The detector: backbone + FPN + subnets + anchors, with the training loss and the inference rule of §4.
-
-    RetinaNet subclasses ResNet so that its state dict keys are those of yhenon/pytorch-retinanet
-    (conv1, layer1..4, fpn.*, regressionModel.*, classificationModel.*).
+class RetinaNet(nn.Module):
+    """The detector of Figure 3: a backbone, a feature pyramid, a classification and a box regression subnet
+    shared by all levels, and the anchors they are relative to. Built from its ModelSettings, which also build
+    its loss (losses.py) and its inference (inference.py), so that training and inference agree by construction.
 
     - `model(images, annotations)` with (B, 3, H, W) images and (B, G, 5) annotations (x1, y1, x2, y2, class;
       padding rows -1) returns (classification_loss, regression_loss).
-    - `model(images)` returns B dicts {"boxes": (D, 4) x1y1x2y2 in input pixels, "scores": (D,), "labels": (D,)}.
+    - `model(images, image_sizes=sizes)` returns B dicts {"boxes": (D, 4) x1y1x2y2 in input pixels, "scores": (D,),
+      "labels": (D,)}; `image_sizes` (B, 2) holds each image's (height, width) inside the padded batch, and boxes
+      are clipped to it (default: the whole padded size).
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        depth: int = 50,
-        prior: float = 0.01,  # §4.1 "Initialization": π = 0.01
-        score_threshold: float = 0.05,  # §4 "Inference": "after thresholding detector confidence at 0.05"
-        topk_candidates: int = 1000,  # §4 "Inference": "at most 1k top-scoring predictions per FPN level"
-        nms_threshold: float = 0.5,  # §4 "Inference": "non-maximum suppression with a threshold of 0.5"
-        max_detections: int = 100,  # COCO evaluation keeps 100 detections per image
-        box_coder_std: tuple[float, ...] = BOX_CODER_STD,  # Detectron's weights (10, 10, 5, 5); torchvision: 1s
-        # Settings of other implementations, so that their weights detect exactly as there (retinanet/convert.py):
-        anchor_centre_offset: float = 0.5,  # anchors at cell centres (Detectron, yhenon); torchvision: 0, cell corners
-        integer_anchors: bool = False,  # torchvision: anchor sides truncated to integers, corners rounded
-        p6_from: str = "c5",  # footnote 2: "P6 is obtained via a 3×3 stride-2 conv on C5"; torchvision v1: "p5"
-        loss: RetinaNetLoss | None = None,
-    ):
-        super().__init__(depth)
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-        self.num_classes = num_classes
-        # The primitive constructor arguments, stored in checkpoints so a model can be rebuilt as it was trained.
-        self.settings = dict(
-            num_classes=num_classes, depth=depth, prior=prior, score_threshold=score_threshold,
-            topk_candidates=topk_candidates, nms_threshold=nms_threshold, max_detections=max_detections,
-            box_coder_std=tuple(box_coder_std), anchor_centre_offset=anchor_centre_offset,
-            integer_anchors=integer_anchors, p6_from=p6_from,
-        )
-        self.score_threshold = score_threshold
-        self.topk_candidates = topk_candidates
-        self.nms_threshold = nms_threshold
-        self.max_detections = max_detections
-        self.box_coder_std = tuple(box_coder_std)
-        self.anchors = Anchors(centre_offset=anchor_centre_offset, integer_anchors=integer_anchors)
-        self.loss = loss or RetinaNetLoss(box_coder_std=self.box_coder_std)
-        self.fpn = PyramidFeatures(*self.feature_channels, p6_from=p6_from)
-        self.regressionModel = RegressionModel(256, self.anchors.num_anchors)
-        self.classificationModel = ClassificationModel(256, num_classes, self.anchors.num_anchors, prior=prior)
-        self.bn_frozen = False
+    def __init__(self, settings: ModelSettings):
+        super().__init__()
+        self.settings = settings
+        self.backbone = ResNet(settings.depth)
+        self.fpn = PyramidFeatures(*self.backbone.feature_channels, p6_from=settings.p6_from)
+        self.classification_subnet = ClassificationModel(FPN_CHANNELS, settings.num_classes, settings.num_anchors,
+                                                         prior=settings.prior)
+        self.box_subnet = RegressionModel(FPN_CHANNELS, settings.num_anchors)
+        self.anchors = Anchors(settings.anchor_sizes, settings.anchor_scales, settings.anchor_ratios,
+                               settings.anchor_centre_offset, settings.integer_anchors)
+        self.loss = RetinaNetLoss(settings)
+        if settings.freeze_bn:
+            freeze_batchnorm(self)
+        freeze_backbone(self.backbone, settings.freeze_at)
 
-    def freeze_bn(self) -> None:
-        """Put every BatchNorm layer in eval mode and stop its affine parameters from training, for good.
+    @property
+    def num_classes(self) -> int:
+        return self.settings.num_classes
 
-        With pretrained ImageNet weights this is the usual choice (Detectron, torchvision): batches of a few
-        large images give poor batch statistics, and ImageNet's running statistics are good ones. Training from
-        scratch, do NOT freeze: a freshly initialised BatchNorm in eval mode is the identity (mean 0, variance 1,
-        scale 1, shift 0), so the network loses all normalisation and deep ResNets then train badly.
-        """
-        self.bn_frozen = True
-        for module in self.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.eval()
-                module.weight.requires_grad_(False)
-                module.bias.requires_grad_(False)
+    @property
+    def depth(self) -> int:
+        return self.settings.depth
 
     def train(self, mode: bool = True) -> "RetinaNet":
         """As nn.Module.train, but frozen BatchNorm layers stay in eval mode."""
         super().train(mode)
-        if self.bn_frozen:
-            for module in self.modules():
-                if isinstance(module, nn.BatchNorm2d):
-                    module.eval()
+        if self.settings.freeze_bn:
+            freeze_batchnorm(self)
         return self
 
-    def forward(self, images: torch.Tensor, annotations: torch.Tensor | None = None):
-        features = self.fpn(*self.backbone_features(images))  # [P3, ..., P7], each (B, 256, H_l, W_l)
-        cls_logits = [self.classificationModel(level) for level in features]  # each (B, H_l*W_l*A, K)
-        box_deltas = [self.regressionModel(level) for level in features]  # each (B, H_l*W_l*A, 4)
-        anchors = self.anchors(images)  # each (H_l*W_l*A, 4)
+    def network_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network of Figure 3 on (B, 3, H, W) images: (B, R, K) class logits and (B, R, 4) box deltas, in
+        the anchors' order. What ONNX export exports."""
+        features = self.fpn(*self.backbone(images))  # [P3, ..., P7], each (B, C, H_l, W_l)
+        cls_logits = torch.cat([self.classification_subnet(level) for level in features], dim=1)  # (B, R, K)
+        box_deltas = torch.cat([self.box_subnet(level) for level in features], dim=1)  # (B, R, 4)
+        return cls_logits, box_deltas
+
+    def forward(self, images: torch.Tensor, annotations: torch.Tensor | None = None,
+                image_sizes: torch.Tensor | None = None):
+        cls_logits, box_deltas = self.network_outputs(images)
         if annotations is not None:
-            return self.loss(
-                torch.cat(cls_logits, dim=1),  # (B, R, K)
-                torch.cat(box_deltas, dim=1),  # (B, R, 4)
-                torch.cat(anchors, dim=0),  # (R, 4)
-                annotations,
-            )
-        return self.detect(cls_logits, box_deltas, anchors, images.shape[-2:])
+            return self.loss(cls_logits, box_deltas, self.anchors(images), annotations)
+        return self.detect(cls_logits, box_deltas, images.shape[-2:], image_sizes)
 
     @torch.no_grad()
-    def detect(self, cls_logits, box_deltas, anchors, image_size) -> list[dict[str, torch.Tensor]]:
-        """Paper §4 "Inference": per level, the top-scoring 1k candidates above 0.05; decoded boxes of all
-        levels "are merged and non-maximum suppression with a threshold of 0.5 is applied"."""
-        candidates = [self.top_candidates(*level) for level in zip(cls_logits, box_deltas, anchors)]
-        boxes, scores, labels = (torch.cat(parts, dim=1) for parts in zip(*candidates))  # (B, C, ...), C candidates
-        boxes = clip_boxes_to_image(boxes, tuple(image_size))
-        batch_size = boxes.shape[0]
-        image_index = torch.arange(batch_size, device=boxes.device)[:, None].expand_as(scores)  # (B, C)
-        keep = scores > self.score_threshold  # (B, C)
-        boxes, scores, labels, image_index = boxes[keep], scores[keep], labels[keep], image_index[keep]  # (D, ...)
-        # One NMS call for the whole batch: boxes of different images or classes never suppress each other.
-        kept = batched_nms(boxes, scores, image_index * self.num_classes + labels, self.nms_threshold)
-        detections = []
-        for i in range(batch_size):
-            mine = kept[image_index[kept] == i][: self.max_detections]  # sorted by decreasing score
-            detections.append({"boxes": boxes[mine], "scores": scores[mine], "labels": labels[mine]})
-        return detections
+    def detect(self, cls_logits: torch.Tensor, box_deltas: torch.Tensor, padded_size: tuple[int, int],
+               image_sizes: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
+        """Detections from (B, R, K) logits and (B, R, 4) deltas of a batch padded to `padded_size` (H, W): the
+        §4.1 inference rule (inference.py) with this model's anchors and settings."""
+        height, width = padded_size
+        if image_sizes is None:
+            image_sizes = torch.tensor([[height, width]] * cls_logits.shape[0])
+        anchors = self.anchors.for_size(height, width, cls_logits.device)  # (R, 4)
+        anchors_per_level = self.anchors.num_per_level(height, width)
+        return detect(cls_logits, box_deltas, anchors, anchors_per_level, image_sizes.to(cls_logits.device),
+                      self.settings)
 
-    def top_candidates(self, logits: torch.Tensor, deltas: torch.Tensor, anchors: torch.Tensor):
-        """The topk_candidates best (anchor, class) pairs of one level: boxes (B, k, 4), scores and labels (B, k)."""
-        num_classes = logits.shape[-1]
-        scores = torch.sigmoid(logits.float()).flatten(1)  # (B, R_l, K) -> (B, R_l*K)
-        scores, flat_index = scores.topk(min(self.topk_candidates, scores.shape[1]), dim=1)  # (B, k)
-        anchor_index = flat_index // num_classes  # (B, k)
-        labels = flat_index % num_classes  # (B, k)
-        deltas = torch.gather(deltas.float(), 1, anchor_index[..., None].expand(-1, -1, 4))  # (B, k, 4)
-        return decode(anchors[anchor_index], deltas, self.box_coder_std), scores, labels
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Put every BatchNorm layer in eval mode and stop its affine parameters from training.
+
+    With pretrained ImageNet weights this is the usual choice (Detectron, detectron2, torchvision): batches of a
+    few large images give poor batch statistics, and ImageNet's running statistics are good ones. Training from
+    scratch, do NOT freeze: a freshly initialised BatchNorm in eval mode is the identity (mean 0, variance 1, scale
+    1, shift 0), so the network loses all normalisation and deep ResNets then train badly.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eval()
+            module.weight.requires_grad_(False)
+            module.bias.requires_grad_(False)
+
+
+# What freeze_at counts, in order: the stem (conv1 + bn1), then the residual stages conv2_x .. conv5_x.
+BACKBONE_STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
+PRETRAINED_FREEZE_AT = 2  # detectron2's FREEZE_AT = 2, torchvision's trainable_backbone_layers = 3
+
+
+def freeze_backbone(backbone: ResNet, freeze_at: int) -> None:
+    """Stop training the stem and the first freeze_at - 1 residual stages: their parameters get requires_grad False.
+
+    freeze_at = 0 freezes nothing, 1 the stem (conv1, bn1), 2 the stem and layer1, ..., 5 the whole ResNet, as
+    detectron2's FREEZE_AT; torchvision's trainable_backbone_layers is 5 - freeze_at. The first layers' ImageNet
+    filters (edges, colours) transfer as they are, and backpropagation stops before the largest feature maps.
+    """
+    if not 0 <= freeze_at <= len(BACKBONE_STAGES):
+        raise ValueError(f"freeze_at must be in 0..{len(BACKBONE_STAGES)}, got {freeze_at}")
+    for stage in BACKBONE_STAGES[:freeze_at]:
+        for name in stage:
+            getattr(backbone, name).requires_grad_(False)
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -325,36 +305,13 @@ def imagenet_state_dict(depth: int, pretrained: bool | str | os.PathLike) -> dic
         ) from error
 
 
-def load_backbone_weights(model: RetinaNet, state_dict: dict[str, torch.Tensor]) -> None:
+def load_backbone_weights(backbone: ResNet, state_dict: dict[str, torch.Tensor]) -> None:
     """Load an ImageNet ResNet state dict into the backbone; every backbone tensor must be there."""
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    backbone_missing = [key for key in missing if not key.startswith(("fpn.", "regressionModel.", "classificationModel."))]
-    unexpected = [key for key in unexpected if not key.startswith("fc.")]  # the ImageNet classifier is not used
-    if backbone_missing or unexpected:
-        raise ValueError(
-            f"The ImageNet weights do not fit a ResNet-{model.depth}: missing {backbone_missing[:5]}, "
-            f"unexpected {unexpected[:5]}"
-        )
-
-
-# What freeze_at counts, in order: the stem (conv1 + bn1), then the residual stages conv2_x .. conv5_x.
-BACKBONE_STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
-PRETRAINED_FREEZE_AT = 2  # detectron2's FREEZE_AT = 2, torchvision's trainable_backbone_layers = 3
-
-
-def freeze_backbone(model: ResNet, freeze_at: int) -> None:
-    """Stop training the stem and the first freeze_at - 1 residual stages: their parameters get requires_grad False.
-
-    freeze_at = 0 freezes nothing, 1 the stem (conv1, bn1), 2 the stem and layer1, ..., 5 the whole ResNet, as
-    detectron2's FREEZE_AT; torchvision's trainable_backbone_layers is 5 - freeze_at. The first layers' ImageNet
-    filters (edges, colours) transfer as they are, and backpropagation stops before the largest feature maps.
-    BatchNorm running statistics are left to freeze_bn, which build_retinanet applies with pretrained weights.
-    """
-    if not 0 <= freeze_at <= len(BACKBONE_STAGES):
-        raise ValueError(f"freeze_at must be in 0..{len(BACKBONE_STAGES)}, got {freeze_at}")
-    for stage in BACKBONE_STAGES[:freeze_at]:
-        for name in stage:
-            getattr(model, name).requires_grad_(False)
+    state_dict = {key: value for key, value in state_dict.items() if not key.startswith("fc.")}  # the classifier
+    missing, unexpected = backbone.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"The ImageNet weights do not fit a ResNet-{backbone.depth}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
 
 
 def build_retinanet(
@@ -363,21 +320,19 @@ def build_retinanet(
     pretrained: bool | str | os.PathLike = False,
     freeze_bn: bool | None = None,
     freeze_at: int | None = None,
-    **kwargs,
+    **settings,
 ) -> RetinaNet:
-    """A RetinaNet with a ResNet-`depth` backbone. `pretrained` is False, True (torchvision's ImageNet weights)
-    or a path to such a file. By default, starting from pretrained weights freezes BatchNorm and the stem + layer1
-    (freeze_at=2, see freeze_backbone); from scratch everything trains (freeze_at=0)."""
-    model = RetinaNet(num_classes, depth=depth, **kwargs)
-    if pretrained is not False:
-        load_backbone_weights(model, imagenet_state_dict(depth, pretrained))
-    if freeze_bn is None:
-        freeze_bn = pretrained is not False  # frozen BatchNorm needs trained statistics: see RetinaNet.freeze_bn
-    if freeze_bn:
-        model.freeze_bn()
-    if freeze_at is None:
-        freeze_at = PRETRAINED_FREEZE_AT if pretrained is not False else 0  # random filters must all learn
-    freeze_backbone(model, freeze_at)
+    """A RetinaNet with a ResNet-`depth` backbone; `settings` are any other ModelSettings. `pretrained` is False,
+    True (torchvision's ImageNet weights) or a path to such a file. By default, starting from pretrained weights
+    freezes BatchNorm and the stem + layer1 (freeze_at=2, see freeze_backbone); from scratch everything trains."""
+    started_trained = pretrained is not False
+    model = RetinaNet(ModelSettings(
+        num_classes=num_classes, depth=depth, **settings,
+        freeze_bn=started_trained if freeze_bn is None else freeze_bn,  # needs trained statistics: freeze_batchnorm
+        freeze_at=(PRETRAINED_FREEZE_AT if started_trained else 0) if freeze_at is None else freeze_at,
+    ))
+    if started_trained:
+        load_backbone_weights(model.backbone, imagenet_state_dict(depth, pretrained))
     return model
 
 

@@ -5,33 +5,37 @@ import torch
 
 from retinanet.checkpoint import infer_architecture, load_model, read_checkpoint, save_checkpoint
 from retinanet.model import RetinaNet, resnet18
+from retinanet.settings import ModelSettings
 
 
 @pytest.mark.parametrize("depth", [18, 34, 50, 101, 152])
 def test_architecture_is_inferred_from_a_state_dict(depth):
     with torch.device("meta"):  # shapes only: no memory, no init cost
-        state_dict = RetinaNet(num_classes=7, depth=depth).state_dict()
-    assert infer_architecture(state_dict) == (depth, 7)
+        state_dict = RetinaNet(ModelSettings(num_classes=7, depth=depth)).state_dict()
+    assert infer_architecture(state_dict) == (depth, 7, 9)
 
 
 def test_checkpoint_round_trip_keeps_weights_settings_and_names(tmp_path):
     model = resnet18(num_classes=3, score_threshold=0.2, max_detections=17)
     path = str(tmp_path / "model.pt")
     save_checkpoint({"model": model.state_dict(), "class_names": ["a", "b", "c"],
-                     "model_settings": model.settings}, path)
+                     "model_settings": model.settings.as_dict()}, path)
     assert os.listdir(tmp_path) == ["model.pt"]  # the temporary file was renamed away
-    loaded, class_names, image_size = load_model(path)
-    assert class_names == ["a", "b", "c"] and image_size is None
+    loaded, class_names = load_model(path)
+    assert class_names == ["a", "b", "c"] and loaded.settings == model.settings
     assert not loaded.training
-    assert loaded.score_threshold == 0.2 and loaded.max_detections == 17
-    torch.testing.assert_close(loaded.fpn.P6.weight, model.fpn.P6.weight)
+    assert loaded.settings.score_threshold == 0.2 and loaded.settings.max_detections == 17
+    torch.testing.assert_close(loaded.fpn.p6.weight, model.fpn.p6.weight)
 
 
 def test_a_bare_state_dict_loads_with_numbered_class_names(tmp_path):
     path = str(tmp_path / "state_dict.pt")
     torch.save(resnet18(num_classes=2).state_dict(), path)
-    model, class_names, image_size = load_model(path)
-    assert model.num_classes == 2 and class_names == ["0", "1"] and image_size is None
+    model, class_names = load_model(path)
+    assert model.num_classes == 2 and class_names == ["0", "1"]
+    # yhenon's recipe: its box coding and its resizer's 608 / 1024 pixels
+    assert model.settings.box_coder_std == (0.1, 0.1, 0.2, 0.2) and model.settings.smooth_l1_beta == 1 / 9
+    assert (model.settings.min_size, model.settings.max_size) == (608, 1024)
 
 
 class Payload:

@@ -1,5 +1,5 @@
 """ONNX export (tools/export_onnx.py): the exported network gives PyTorch's outputs at batch and image sizes other
-than the traced one, and detect_from_outputs turns such outputs into model(images)'s detections."""
+than the traced one, and model.detect turns such outputs into model(images)'s detections."""
 
 import json
 
@@ -10,7 +10,7 @@ onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")  # torch.onnx.export(dynamo=True) translates the graph with it
 
 from retinanet.checkpoint import load_model, save_checkpoint  # noqa: E402
-from retinanet.export import NetworkOutputs, detect_from_outputs  # noqa: E402
+from retinanet.export import NetworkOutputs  # noqa: E402
 from retinanet.model import resnet18  # noqa: E402
 from test_interop import load_tool  # noqa: E402
 
@@ -23,7 +23,7 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
     model = resnet18(num_classes=len(CLASS_NAMES))
-    save_checkpoint({"model": model.state_dict(), "class_names": CLASS_NAMES, "model_settings": model.settings},
+    save_checkpoint({"model": model.state_dict(), "class_names": CLASS_NAMES, "model_settings": model.settings.as_dict()},
                     str(root / "model.pt"))
     assert load_tool("export_onnx").main([str(root / "model.pt"), str(root / "model.onnx")]) == 0
     session = onnxruntime.InferenceSession(str(root / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -46,17 +46,17 @@ def test_the_onnx_file_says_its_classes_and_settings(exported):
     model, session = exported
     metadata = session.get_modelmeta().custom_metadata_map
     assert json.loads(metadata["class_names"]) == CLASS_NAMES
-    assert json.loads(metadata["model_settings"]) == json.loads(json.dumps(model.settings))
+    assert json.loads(metadata["model_settings"]) == json.loads(json.dumps(model.settings.as_dict()))
 
 
-def test_detect_from_outputs_is_the_models_own_inference():
+def test_detect_on_the_network_outputs_is_the_models_own_inference():
     torch.manual_seed(1)
     model = resnet18(num_classes=len(CLASS_NAMES)).eval()
     images = torch.randn(2, 3, 96, 128)
     with torch.no_grad():
-        model.classificationModel.output.bias.fill_(-2.5)  # scores near 0.08: detections to compare
+        model.classification_subnet.output.bias.fill_(-2.5)  # scores near 0.08: detections to compare
         expected = model(images)
-        found = detect_from_outputs(model, *NetworkOutputs(model)(images), image_size=(96, 128))
+        found = model.detect(*NetworkOutputs(model)(images), padded_size=(96, 128))
     assert len(expected[0]["scores"]) > 0
     for mine, theirs in zip(found, expected):
         assert all(torch.equal(mine[key], theirs[key]) for key in ("boxes", "scores", "labels"))

@@ -12,13 +12,14 @@ def frozen_names(module: nn.Module) -> set[str]:
 
 
 def stem_and_layer1_names(module: nn.Module) -> set[str]:
-    return {name for name, _ in module.named_parameters() if name.startswith(("conv1.", "bn1.", "layer1."))}
+    prefixes = ("backbone.conv1.", "backbone.bn1.", "backbone.layer1.")
+    return {name for name, _ in module.named_parameters() if name.startswith(prefixes)}
 
 
 @pytest.mark.parametrize("freeze_at", range(6))
 def test_freeze_at_freezes_what_torchvision_trainable_layers_does(freeze_at):
     # detectron2's FREEZE_AT = N is torchvision's trainable_backbone_layers = 5 - N; the ResNets share names.
-    model = resnet18(num_classes=3)
+    model = resnet18(num_classes=3).backbone
     freeze_backbone(model, freeze_at)
     reference = resnet_fpn_backbone(
         backbone_name="resnet18", weights=None, norm_layer=nn.BatchNorm2d, trainable_layers=5 - freeze_at
@@ -32,8 +33,8 @@ def test_freeze_at_2_freezes_stem_and_layer1_and_keeps_their_gradients_empty():
     assert frozen_names(model) == stem_and_layer1_names(model)
     cls_loss, box_loss = model(torch.randn(2, 3, 64, 64), torch.tensor([[[8.0, 8.0, 40.0, 40.0, 1.0]]] * 2))
     (cls_loss + box_loss).backward()
-    assert model.layer1[0].conv1.weight.grad is None and model.conv1.weight.grad is None
-    assert model.layer2[0].conv1.weight.grad is not None
+    assert model.backbone.layer1[0].conv1.weight.grad is None and model.backbone.conv1.weight.grad is None
+    assert model.backbone.layer2[0].conv1.weight.grad is not None
 
 
 def test_freeze_at_defaults_to_2_with_pretrained_weights_and_0_from_scratch(tmp_path):

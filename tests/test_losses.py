@@ -7,6 +7,9 @@ from torchvision.ops import sigmoid_focal_loss
 
 from retinanet.boxes import MAX_LOG_SCALE, decode, encode
 from retinanet.losses import BACKGROUND, IGNORED, RetinaNetLoss, focal_loss, match_anchors
+from retinanet.settings import BOX_CODINGS, ModelSettings
+
+YHENON_STD = BOX_CODINGS["yhenon"][0]  # (0.1, 0.1, 0.2, 0.2)
 
 
 def test_focal_loss_equals_torchvision():
@@ -38,7 +41,7 @@ def test_encode_by_hand():
     anchor = torch.tensor([[0.0, 0.0, 10.0, 20.0]])  # centre (5, 10), 10 x 20
     box = torch.tensor([[2.0, 4.0, 22.0, 24.0]])  # centre (12, 14), 20 x 20
     expected = torch.tensor([[(12 - 5) / 10 / 0.1, (14 - 10) / 20 / 0.1, math.log(2) / 0.2, 0.0]])
-    torch.testing.assert_close(encode(anchor, box), expected)
+    torch.testing.assert_close(encode(anchor, box, YHENON_STD), expected)
 
 
 def test_encode_decode_round_trip():
@@ -47,12 +50,13 @@ def test_encode_decode_round_trip():
     anchors = torch.cat([xy, xy + 8 + torch.rand(50, 2, generator=generator) * 300], dim=1)
     xy = torch.rand(50, 2, generator=generator) * 500
     boxes = torch.cat([xy, xy + 1 + torch.rand(50, 2, generator=generator) * 300], dim=1)
-    torch.testing.assert_close(decode(anchors, encode(anchors, boxes)), boxes, rtol=1e-5, atol=1e-3)
+    for std in (YHENON_STD, (1.0, 1.0, 1.0, 1.0)):
+        torch.testing.assert_close(decode(anchors, encode(anchors, boxes, std), std), boxes, rtol=1e-5, atol=1e-3)
 
 
 def test_decode_clamps_huge_scales():
     anchors = torch.tensor([[0.0, 0.0, 16.0, 16.0]])
-    boxes = decode(anchors, torch.tensor([[0.0, 0.0, 1e4, 1e4]]))
+    boxes = decode(anchors, torch.tensor([[0.0, 0.0, 1e4, 1e4]]), YHENON_STD)
     assert torch.isfinite(boxes).all()
     # The width is capped at 16 * exp(MAX_LOG_SCALE) = 1000
     torch.testing.assert_close(boxes[0, 2] - boxes[0, 0], torch.tensor(16 * math.exp(MAX_LOG_SCALE)))
@@ -101,7 +105,7 @@ def test_loss_by_hand_on_a_tiny_batch():
     anchors, annotations = make_batch()
     cls_logits = torch.zeros(2, 3, 2)  # p = 0.5 everywhere
     deltas = torch.zeros(2, 3, 4)
-    cls_loss, box_loss = RetinaNetLoss()(cls_logits, deltas, anchors, annotations)
+    cls_loss, box_loss = RetinaNetLoss(ModelSettings(num_classes=2))(cls_logits, deltas, anchors, annotations)
     # One foreground anchor (image 0, anchor 0, class 1); anchor 1 of image 0 is ignored (IoU 0.45).
     # At p = 0.5: FL = α_t * 0.5² * log 2 for every counted element.
     positive = 0.25 * 0.25 * math.log(2)
@@ -118,7 +122,7 @@ def test_empty_annotations_give_finite_loss_and_zero_regression():
     cls_logits = torch.randn(2, 3, 2, generator=generator, requires_grad=True)
     deltas = torch.randn(2, 3, 4, generator=generator, requires_grad=True)
     for annotations in (torch.full((2, 3, 5), -1.0), torch.zeros(2, 0, 5)):
-        cls_loss, box_loss = RetinaNetLoss()(cls_logits, deltas, anchors, annotations)
+        cls_loss, box_loss = RetinaNetLoss(ModelSettings(num_classes=2))(cls_logits, deltas, anchors, annotations)
         assert torch.isfinite(cls_loss) and cls_loss > 0
         assert box_loss.item() == 0.0
         (cls_loss + box_loss).backward()
@@ -128,7 +132,7 @@ def test_giou_box_loss_and_ema_normalizer():
     anchors, annotations = make_batch()
     deltas = torch.zeros(2, 3, 4)
     deltas[0, 0] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # moves the box by 0.1 * 10 = 1 px in x
-    loss = RetinaNetLoss(box_loss="giou", loss_normalizer="ema")
+    loss = RetinaNetLoss(ModelSettings(num_classes=2, box_loss="giou", loss_normalizer="ema", box_coder_std=YHENON_STD))
     _, box_loss = loss(torch.zeros(2, 3, 2), deltas, anchors, annotations)
     # Boxes [1, 0, 11, 10] and [0, 0, 10, 10]: IoU = 90 / 110, hull = 110 = union, so GIoU loss = 1 - 9/11.
     # EMA normaliser: 0.9 * 100 + 0.1 * 1 = 90.1 foreground anchors.
@@ -137,9 +141,9 @@ def test_giou_box_loss_and_ema_normalizer():
 
 def test_loss_rejects_unknown_options():
     with pytest.raises(ValueError, match="box_loss"):
-        RetinaNetLoss(box_loss="l2")
+        RetinaNetLoss(ModelSettings(num_classes=2, box_loss="l2"))
     with pytest.raises(ValueError, match="loss_normalizer"):
-        RetinaNetLoss(loss_normalizer="none")
+        RetinaNetLoss(ModelSettings(num_classes=2, loss_normalizer="none"))
 
 
 def test_focal_loss_gradient_matches_autograd_through_torchvision():

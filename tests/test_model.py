@@ -6,8 +6,10 @@ import pytest
 import torch
 import torchvision
 
-from retinanet.anchors import Anchors
+from retinanet.checkpoint import model_state_dict
 from retinanet.model import RetinaNet, WeightsUnavailableError, build_retinanet, resnet18, resnet50
+from retinanet.settings import ModelSettings
+from test_interop import assert_same_detections
 
 
 @pytest.fixture(scope="module")
@@ -17,33 +19,33 @@ def small_model():
 
 
 def test_prior_initialization_gives_probability_pi(small_model):
-    bias = small_model.classificationModel.output.bias
+    bias = small_model.classification_subnet.output.bias
     torch.testing.assert_close(torch.sigmoid(bias), torch.full_like(bias, 0.01))
     model = resnet18(num_classes=2, prior=0.1)
-    torch.testing.assert_close(torch.sigmoid(model.classificationModel.output.bias), torch.full((18,), 0.1))
+    torch.testing.assert_close(torch.sigmoid(model.classification_subnet.output.bias), torch.full((18,), 0.1))
     # With σ = 0.01 weights, every anchor starts out near π: the point of the prior (§3.3).
     small_model.eval()
     with torch.no_grad():
-        features = small_model.fpn(*small_model.backbone_features(torch.randn(1, 3, 64, 64)))
-        probabilities = torch.sigmoid(small_model.classificationModel(features[0]))
+        features = small_model.fpn(*small_model.backbone(torch.randn(1, 3, 64, 64)))
+        probabilities = torch.sigmoid(small_model.classification_subnet(features[0]))
     assert abs(probabilities.mean().item() - 0.01) < 0.002
 
 
 def test_head_init_is_gaussian_with_sigma_001(small_model):
-    weight = small_model.regressionModel.conv2.weight
+    weight = small_model.box_subnet.conv2.weight
     assert abs(weight.std().item() - 0.01) < 0.0005
-    assert small_model.regressionModel.conv2.bias.abs().max().item() == 0.0
+    assert small_model.box_subnet.conv2.bias.abs().max().item() == 0.0
 
 
 def test_head_output_shapes_follow_the_anchor_order(small_model):
     features = torch.randn(2, 256, 5, 7)
-    assert small_model.classificationModel(features).shape == (2, 5 * 7 * 9, 3)
-    assert small_model.regressionModel(features).shape == (2, 5 * 7 * 9, 4)
+    assert small_model.classification_subnet(features).shape == (2, 5 * 7 * 9, 3)
+    assert small_model.box_subnet(features).shape == (2, 5 * 7 * 9, 4)
     # Output channel a*K + k at (y, x) must land at row (y*W + x)*A + a, column k.
     raw = []
-    hook = small_model.classificationModel.output.register_forward_hook(lambda m, i, out: raw.append(out))
+    hook = small_model.classification_subnet.output.register_forward_hook(lambda m, i, out: raw.append(out))
     with torch.no_grad():
-        flat = small_model.classificationModel(features)  # (B, H*W*A, K)
+        flat = small_model.classification_subnet(features)  # (B, H*W*A, K)
     hook.remove()
     y, x, a, k = 3, 4, 5, 2
     assert flat[1, (y * 7 + x) * 9 + a, k] == raw[0][1, a * 3 + k, y, x]
@@ -55,15 +57,15 @@ def test_frozen_batchnorm_stays_frozen_after_train():
     batchnorms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert batchnorms and all(not bn.training for bn in batchnorms)
     assert all(not bn.weight.requires_grad and not bn.bias.requires_grad for bn in batchnorms)
-    before = model.bn1.running_mean.clone()
+    before = model.backbone.bn1.running_mean.clone()
     model(torch.randn(2, 3, 64, 64), torch.full((2, 1, 5), -1.0))
-    torch.testing.assert_close(model.bn1.running_mean, before)
+    torch.testing.assert_close(model.backbone.bn1.running_mean, before)
 
 
 def test_batchnorm_trains_from_scratch_by_default():
     model = resnet18(num_classes=2)
     model.train()
-    assert not model.bn_frozen and model.bn1.training and model.bn1.weight.requires_grad
+    assert not model.settings.freeze_bn and model.backbone.bn1.training and model.backbone.bn1.weight.requires_grad
 
 
 def test_pretrained_from_a_local_file_loads_the_backbone(tmp_path):
@@ -71,8 +73,8 @@ def test_pretrained_from_a_local_file_loads_the_backbone(tmp_path):
     path = tmp_path / "resnet18.pth"
     torch.save(reference.state_dict(), path)
     model = resnet18(num_classes=2, pretrained=str(path))
-    torch.testing.assert_close(model.layer3[1].conv2.weight, reference.layer3[1].conv2.weight)
-    assert model.bn_frozen  # pretrained -> frozen BatchNorm by default
+    torch.testing.assert_close(model.backbone.layer3[1].conv2.weight, reference.layer3[1].conv2.weight)
+    assert model.settings.freeze_bn  # pretrained -> frozen BatchNorm by default
 
 
 def test_pretrained_of_the_wrong_depth_is_refused(tmp_path):
@@ -84,9 +86,9 @@ def test_pretrained_of_the_wrong_depth_is_refused(tmp_path):
 
 def test_invalid_depth_and_classes_are_refused():
     with pytest.raises(ValueError, match="depth"):
-        RetinaNet(num_classes=2, depth=42)
+        RetinaNet(ModelSettings(num_classes=2, depth=42))
     with pytest.raises(ValueError, match="num_classes"):
-        RetinaNet(num_classes=0, depth=18)
+        RetinaNet(ModelSettings(num_classes=0, depth=18))
 
 
 def yhenon_keys_and_shapes(num_classes: int) -> dict[str, tuple]:
@@ -108,9 +110,10 @@ def test_state_dict_is_compatible_with_yhenon_checkpoints():
     model = resnet50(num_classes=80)
     expected = yhenon_keys_and_shapes(80)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert ours == expected
     state = {k: torch.randn(shape) if len(shape) else torch.tensor(0) for k, shape in expected.items()}
-    model.load_state_dict(state, strict=True)
+    renamed = model_state_dict(state)  # yhenon's names -> ours, as every checkpoint read does
+    assert {k: tuple(v.shape) for k, v in renamed.items()} == ours
+    model.load_state_dict(renamed, strict=True)
 
 
 def test_training_forward_returns_two_scalars(small_model):
@@ -121,21 +124,20 @@ def test_training_forward_returns_two_scalars(small_model):
     assert math.isfinite(cls_loss.item()) and math.isfinite(box_loss.item())
 
 
-def fake_level_outputs(batch: int, num_anchors_per_level, num_classes: int):
-    return ([torch.full((batch, n, num_classes), -10.0) for n in num_anchors_per_level],
-            [torch.zeros(batch, n, 4) for n in num_anchors_per_level])
+def fake_outputs(batch: int, num_anchors: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, R, K) logits far below the threshold and (B, R, 4) zero deltas (boxes = anchors)."""
+    return torch.full((batch, num_anchors, num_classes), -10.0), torch.zeros(batch, num_anchors, 4)
 
 
 def test_detect_suppresses_per_class_and_handles_empty_images():
-    model = RetinaNet(num_classes=3, depth=18)
-    anchors = Anchors().per_level(64, 64)
-    cls_logits, box_deltas = fake_level_outputs(2, [a.shape[0] for a in anchors], 3)
+    model = RetinaNet(ModelSettings(num_classes=3, depth=18))
+    cls_logits, box_deltas = fake_outputs(2, sum(model.anchors.num_per_level(64, 64)), 3)
     # Image 0: P3 anchors 3 and 3+9 (1:1 anchors of neighbouring cells, IoU 24/40 = 0.6) both say class 1,
     # anchor 3 also says class 2. Image 1: nothing above the threshold.
-    cls_logits[0][0, 3, 1] = 3.0
-    cls_logits[0][0, 12, 1] = 2.0
-    cls_logits[0][0, 3, 2] = 1.0
-    detections = model.detect(cls_logits, box_deltas, anchors, (64, 64))
+    cls_logits[0, 3, 1] = 3.0
+    cls_logits[0, 12, 1] = 2.0
+    cls_logits[0, 3, 2] = 1.0
+    detections = model.detect(cls_logits, box_deltas, (64, 64))
     assert len(detections) == 2
     first, second = detections
     assert first["labels"].tolist() == [1, 2]  # anchor 12's class-1 box is suppressed by anchor 3's (IoU 0.6 > 0.5)
@@ -146,13 +148,53 @@ def test_detect_suppresses_per_class_and_handles_empty_images():
 
 
 def test_detect_keeps_at_most_max_detections_and_topk_per_level():
-    model = RetinaNet(num_classes=2, depth=18, max_detections=5, topk_candidates=3)
-    anchors = Anchors().per_level(64, 64)
-    cls_logits = [torch.randn(1, a.shape[0], 2) + 5 for a in anchors]  # everything passes 0.05
-    box_deltas = [torch.zeros(1, a.shape[0], 4) for a in anchors]
-    detections = model.detect(cls_logits, box_deltas, anchors, (64, 64))
+    model = RetinaNet(ModelSettings(num_classes=2, depth=18, max_detections=5, topk_candidates=3))
+    cls_logits = torch.randn(1, sum(model.anchors.num_per_level(64, 64)), 2) + 5  # everything passes 0.05
+    detections = model.detect(cls_logits, torch.zeros(*cls_logits.shape[:2], 4), (64, 64))
     assert len(detections[0]["scores"]) == 5
     assert (detections[0]["scores"][:-1] >= detections[0]["scores"][1:]).all()
+
+
+def test_detect_clips_each_image_to_its_own_size_and_drops_boxes_in_its_padding():
+    # Two images padded to 64 x 96: image 0 fills it, image 1 is 64 x 32. The same confident anchors in both:
+    # one inside image 1 (P3 cell (1, 1)), one on its right edge (cell (1, 4), centred at x = 36), and one that lies
+    # wholly in its padding (cell (1, 8), centred at x = 68).
+    model = RetinaNet(ModelSettings(num_classes=2, depth=18))
+    cls_logits, box_deltas = fake_outputs(2, sum(model.anchors.num_per_level(64, 96)), 2)
+    cells_per_row = 96 // 8
+    for x, score in ((1, 4.0), (4, 3.0), (8, 2.0)):
+        cls_logits[:, (cells_per_row + x) * 9 + 3, 0] = score  # the 1:1 anchor of scale 1, 32 x 32
+    both = model.detect(cls_logits, box_deltas, (64, 96), torch.tensor([[64, 96], [64, 32]]))
+    assert len(both[0]["scores"]) == 3
+    small = both[1]
+    torch.testing.assert_close(small["boxes"], torch.tensor([[0.0, 0.0, 28.0, 28.0], [20.0, 0.0, 32.0, 28.0]]))
+    torch.testing.assert_close(small["scores"], torch.sigmoid(torch.tensor([4.0, 3.0])))
+    # Batched inference gives each image what it gets alone, on the same padded input.
+    for index, detections in enumerate(both):
+        alone = model.detect(cls_logits[index:index + 1], box_deltas[index:index + 1], (64, 96),
+                             torch.tensor([[64, 96], [64, 32]])[index:index + 1])[0]
+        assert all(torch.equal(detections[key], alone[key]) for key in ("boxes", "scores", "labels"))
+
+
+def test_batched_inference_of_images_of_different_sizes_equals_one_image_at_a_time():
+    torch.manual_seed(0)
+    model = resnet18(num_classes=3).eval()
+    with torch.no_grad():
+        model.classification_subnet.output.bias.fill_(-2.0)  # scores near 0.12: many detections, everywhere
+    sizes = torch.tensor([[96, 128], [64, 64], [128, 96]])  # (height, width) of three images in one padded batch
+    images = torch.zeros(3, 3, 128, 128)
+    for image, (height, width) in zip(images, sizes.tolist()):
+        image[:, :height, :width] = torch.randn(3, height, width)
+    with torch.no_grad():
+        batched = model(images, image_sizes=sizes)
+        alone = [model(images[i:i + 1], image_sizes=sizes[i:i + 1])[0] for i in range(3)]
+    for detections, single, (height, width) in zip(batched, alone, sizes.tolist()):
+        assert len(detections["scores"]) > 10
+        # the same detections; the convolutions round differently at another batch size (differences ~1e-6)
+        assert_same_detections(detections, single, box_atol=1e-3, score_atol=1e-5)
+        boxes = detections["boxes"]
+        assert (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()  # inside the image, not its padding
+        assert ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all()  # no empty box takes a slot
 
 
 def test_eval_forward_format_for_a_batch_of_two(small_model):

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        model, class_names, _ = load_model(args.checkpoint)
+        model, class_names = load_model(args.checkpoint)
     except ValueError as error:  # missing, unreadable or unsafe file; the message says which
         print(f"export_onnx.py: error: {error}", file=sys.stderr)
         return 2
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
           f"this traces the model and takes up to a minute")
     export_onnx(model, args.output, class_names)
     print(f"ONNX model written to {args.output}: input 'images' (B, 3, H, W), outputs 'cls_logits' (B, R, K) and "
-          f"'box_deltas' (B, R, 4); decode them with retinanet.export.detect_from_outputs")
+          f"'box_deltas' (B, R, 4); decode them with the model's detect(cls_logits, box_deltas, padded_size)")
     return 0
 
 
