@@ -18,9 +18,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 
+from retinanet.cli import add_inference_arguments, run_script
 from retinanet.dataloader import CocoDataset
 from retinanet.files import write_text_atomically
-from retinanet.predict import add_inference_arguments, check_class_names, load_for_inference, predict_dataset
+from retinanet.predict import check_class_names, load_for_inference, predict_dataset
 
 MAX_DETECTIONS_PER_IMAGE = 100  # COCOeval's largest maxDets: it never scores more per image
 # The 12 numbers of COCOeval.summarize(), in order (AR@k: recall with at most k detections per image)
@@ -106,7 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> None:
     dataset = CocoDataset(args.coco_path, args.set_name)  # check the annotations before loading the model
-    model, class_names, device, dataset.transform = load_for_inference(args)
+    model, class_names, device, dataset.transform = load_for_inference(
+        args.model, args.device, args.min_size, args.max_size)
     check_class_names(class_names, dataset.class_names)
     print(f"evaluating {args.model} on {len(dataset)} images of COCO {args.set_name} "
           f"({dataset.num_classes} classes) on {device}")
@@ -117,13 +119,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except ValueError as error:  # bad files or arguments; the message says which
-        print(f"coco_eval.py: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_script(run, parse_args(argv), "coco_eval.py")
 
 
 if __name__ == "__main__":

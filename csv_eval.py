@@ -28,8 +28,9 @@ from matplotlib.figure import Figure
 from torch import nn
 from torchvision.ops import box_iou
 
+from retinanet.cli import add_inference_arguments, run_script
 from retinanet.dataloader import CSVDataset, DetectionDataset
-from retinanet.predict import add_inference_arguments, check_class_names, load_for_inference, predict_dataset
+from retinanet.predict import check_class_names, load_for_inference, predict_dataset
 
 # [image][class] -> array: detections (n, 5) x1, y1, x2, y2, score, or annotations (m, 4) x1, y1, x2, y2
 PerImagePerClass = list[list[np.ndarray]]
@@ -303,7 +304,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> None:
     dataset = CSVDataset(args.csv_annotations, args.csv_classes)  # check the annotations before loading the model
-    model, class_names, device, dataset.transform = load_for_inference(args)
+    model, class_names, device, dataset.transform = load_for_inference(
+        args.model, args.device, args.min_size, args.max_size)
     check_class_names(class_names, dataset.class_names)
     print(f"evaluating {args.model} on {len(dataset)} images of {args.csv_annotations} "
           f"({dataset.num_classes} classes) on {device}")
@@ -315,13 +317,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except ValueError as error:  # bad files or arguments; the message says which
-        print(f"csv_eval.py: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_script(run, parse_args(argv), "csv_eval.py")
 
 
 if __name__ == "__main__":

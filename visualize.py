@@ -22,8 +22,9 @@ from torch import nn
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
+from retinanet.cli import add_inference_arguments, run_script
 from retinanet.dataloader import CocoDataset, CSVDataset, DetectionDataset, Transform, read_rgb_image
-from retinanet.predict import add_inference_arguments, check_class_names, load_for_inference, predict_dataset
+from retinanet.predict import check_class_names, load_for_inference, predict_dataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")  # what a folder scan picks
 JPEG_EXTENSIONS = (".jpg", ".jpeg")  # saved as JPEG again; every other format as PNG
@@ -235,7 +236,8 @@ def build_dataset(args: argparse.Namespace) -> DetectionDataset:
 def run(args: argparse.Namespace) -> None:
     """Load the images and the model, draw, save, and say where the drawings went."""
     dataset = build_dataset(args)
-    model, class_names, device, dataset.transform = load_for_inference(args)
+    model, class_names, device, dataset.transform = load_for_inference(
+        args.model, args.device, args.min_size, args.max_size)
     if args.dataset is None:
         dataset.class_names = class_names
     else:
@@ -252,13 +254,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except ValueError as error:  # bad files or arguments; the message says which
-        print(f"visualize.py: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_script(run, parse_args(argv), "visualize.py")
 
 
 if __name__ == "__main__":
