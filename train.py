@@ -41,10 +41,10 @@ from retinanet.dataloader import (
     collate,
     make_shapes_dataset,
 )
+from retinanet.drawing import visualize_dataset
 from retinanet.losses import RetinaNetLoss
 from retinanet.model import PRETRAINED_FREEZE_AT, WeightsUnavailableError, build_retinanet, freeze_backbone
 from retinanet.runtime import StopRequest, mixed_precision_dtype, out_of_memory_hint, setup_distributed, stop_on_signals
-from visualize import visualize_dataset
 
 # Per-dataset defaults for flags left unset. The demo trains a small network from scratch on small images;
 # COCO follows the paper (ResNet-50, SGD, 800 px, 90k iterations at batch 16).
@@ -378,12 +378,12 @@ class Trainer:
             return None
         self.model.eval()
         if self.args.dataset == "coco":
-            from coco_eval import evaluate_coco
+            from retinanet.coco_evaluation import evaluate_coco
 
             score = evaluate_coco(self.model, self.val_set, batch_size=self.args.batch_size,
                                   output_dir=self.args.output_dir, set_name=self.args.val_set)[0]
         else:
-            from csv_eval import evaluate
+            from retinanet.evaluation import evaluate
 
             score = evaluate(self.model, self.val_set, batch_size=self.args.batch_size)["mAP"]
         self.scalars({"val/mAP": score})
