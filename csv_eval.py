@@ -5,288 +5,16 @@ threshold, and one precision-recall curve per class.
     python csv_eval.py --csv_annotations val.csv --csv_classes classes.csv --model output/best.pt
     python csv_eval.py ... --pr_curves pr_curves/      # also save a precision-recall plot per class
 
-Matching follows the VOC development kit: the detections of a class over the whole set are taken by decreasing
-score; one is a true positive if the ground-truth box of its class it overlaps most in its image has
-IoU >= the threshold and no higher-scoring detection has matched that box yet, otherwise a false positive. AP is
-the area under the precision envelope (all points, VOC2010 and later) or, with --voc07, the mean envelope
-precision at the 11 recall levels 0, 0.1, ..., 1 (VOC2007).
-
-Legend for shapes: n detections, m ground-truth boxes (of one class in one image unless said otherwise).
+How detections are matched and AP computed: retinanet/evaluation.py.
 """
 
 import argparse
-import os
-import re
 import sys
-from typing import NamedTuple
 
-import numpy as np
-import pandas as pd
-import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from torch import nn
-from torchvision.ops import box_iou
-
-from retinanet.dataloader import CSVDataset, DetectionDataset
-from retinanet.predict import add_inference_arguments, check_class_names, load_for_inference, predict_dataset
-
-# [image][class] -> array: detections (n, 5) x1, y1, x2, y2, score, or annotations (m, 4) x1, y1, x2, y2
-PerImagePerClass = list[list[np.ndarray]]
-
-
-class PRCurve(NamedTuple):
-    """A class's detections over the whole set by decreasing score, with precision and recall after each."""
-
-    scores: np.ndarray  # (n,) over all images
-    precision: np.ndarray  # (n,) true positives / detections so far
-    recall: np.ndarray  # (n,) true positives / num_annotations (0 if there are none)
-    num_annotations: int
-
-
-# ------------------------------------------------------------------------------------------------- matching
-
-
-def match_image(detections: np.ndarray, ground_truth: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """Which of one image's detections of one class, (n, 5) x1, y1, x2, y2, score, are true positives against its
-    (m, 4) ground-truth boxes of that class. Returns (n,) bool, in the order of `detections`."""
-    detections = np.asarray(detections, dtype=np.float64).reshape(-1, 5)  # (n, 5)
-    ground_truth = np.asarray(ground_truth, dtype=np.float64).reshape(-1, 4)  # (m, 4)
-    is_true_positive = np.zeros(len(detections), dtype=bool)
-    if len(detections) == 0 or len(ground_truth) == 0:
-        return is_true_positive
-    ious = box_iou(torch.from_numpy(detections[:, :4]), torch.from_numpy(ground_truth)).numpy()  # (n, m)
-    best_match = ious.argmax(axis=1)  # (n,) the ground-truth box each detection overlaps most
-    is_matched = np.zeros(len(ground_truth), dtype=bool)
-    for detection in np.argsort(-detections[:, 4], kind="stable"):  # by decreasing score
-        box = best_match[detection]
-        if ious[detection, box] >= iou_threshold and not is_matched[box]:
-            is_matched[box] = True
-            is_true_positive[detection] = True
-        # else: a false positive, also when its best box was already matched (a duplicate detection)
-    return is_true_positive
-
-
-def _check_inputs(detections: PerImagePerClass, annotations: PerImagePerClass) -> int:
-    """The number of classes K, after checking that both inputs hold K arrays for each of the same images."""
-    if len(detections) != len(annotations):
-        raise ValueError(f"detections cover {len(detections)} images but annotations {len(annotations)}")
-    if not annotations:
-        raise ValueError("nothing to evaluate: no images")
-    num_classes = len(annotations[0])
-    for i, (image_detections, image_annotations) in enumerate(zip(detections, annotations)):
-        if len(image_detections) != num_classes or len(image_annotations) != num_classes:
-            raise ValueError(f"image {i}: expected one array per class for {num_classes} classes, got "
-                             f"{len(image_detections)} detection and {len(image_annotations)} annotation arrays")
-    return num_classes
-
-
-def class_curve(
-    detections: PerImagePerClass, annotations: PerImagePerClass, class_index: int, iou_threshold: float = 0.5
-) -> PRCurve:
-    """Precision and recall of one class after each of its detections over the whole set, by decreasing score."""
-    scores, hits = [], []
-    for image_detections, image_annotations in zip(detections, annotations):
-        class_detections = np.asarray(image_detections[class_index], dtype=np.float64).reshape(-1, 5)  # (n, 5)
-        ground_truth = np.asarray(image_annotations[class_index], dtype=np.float64).reshape(-1, 4)  # (m, 4)
-        scores.append(class_detections[:, 4])
-        hits.append(match_image(class_detections, ground_truth, iou_threshold))
-    num_annotations = sum(len(image_annotations[class_index]) for image_annotations in annotations)
-    scores = np.concatenate(scores)  # (n,) over all images
-    order = np.argsort(-scores, kind="stable")  # stable: ties keep image order, as each image was matched
-    true_positives = np.cumsum(np.concatenate(hits)[order])  # (n,)
-    detections_so_far = np.arange(1, len(order) + 1)  # (n,)
-    return PRCurve(
-        scores=scores[order],
-        precision=true_positives / detections_so_far,
-        recall=true_positives / max(num_annotations, 1),  # no annotations: no true positives, recall 0
-        num_annotations=num_annotations,
-    )
-
-
-def precision_recall_curves(
-    detections: PerImagePerClass, annotations: PerImagePerClass, iou_threshold: float = 0.5
-) -> dict[int, PRCurve]:
-    """The PRCurve of every class k in 0..K-1; `detections[i][k]` (n, 5), `annotations[i][k]` (m, 4)."""
-    if not 0.0 < iou_threshold <= 1.0:
-        raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
-    num_classes = _check_inputs(detections, annotations)
-    return {k: class_curve(detections, annotations, k, iou_threshold) for k in range(num_classes)}
-
-
-# ------------------------------------------------------------------------------------------------- metrics
-
-
-def average_precision(precision: np.ndarray, recall: np.ndarray, use_07_metric: bool = False) -> float:
-    """Area under the precision envelope (VOC2010+, all points), or its mean at 11 recall levels (VOC2007).
-
-    The envelope at recall r is the best precision at recall r or higher; `recall` is non-decreasing.
-    """
-    if use_07_metric:
-        recall_levels = np.arange(11) / 10  # 0, 0.1, ..., 1.0 exactly as k / 10, the way recalls are computed
-        return float(np.mean([precision[recall >= level].max(initial=0.0) for level in recall_levels]))
-    envelope = np.maximum.accumulate(precision[::-1])[::-1]  # (n,) best precision from here on
-    recall_gained = np.diff(recall, prepend=0.0)  # (n,) zero for a false positive
-    return float(np.sum(recall_gained * envelope))
-
-
-def _average_precisions_of(curves: dict[int, PRCurve], use_07_metric: bool) -> dict[int, tuple[float, int]]:
-    return {
-        k: (average_precision(curve.precision, curve.recall, use_07_metric), curve.num_annotations)
-        for k, curve in curves.items()
-    }
-
-
-def average_precisions(
-    detections: PerImagePerClass,
-    annotations: PerImagePerClass,
-    iou_threshold: float = 0.5,
-    use_07_metric: bool = False,
-) -> dict[int, tuple[float, int]]:
-    """{class k: (AP, number of annotated boxes)} for every class; a class without annotations has AP 0.
-
-    detections[i][k]: (n, 5) x1, y1, x2, y2, score of image i's detections of class k;
-    annotations[i][k]: (m, 4) x1, y1, x2, y2 of its ground-truth boxes of class k.
-    """
-    return _average_precisions_of(precision_recall_curves(detections, annotations, iou_threshold), use_07_metric)
-
-
-def mean_average_precision(results: dict[int, tuple[float, int]]) -> float:
-    """Mean AP over the classes that have annotations (AP is undefined without them); NaN if none has any."""
-    annotated = [ap for ap, num_annotations in results.values() if num_annotations > 0]
-    return float(np.mean(annotated)) if annotated else float("nan")
-
-
-def operating_point(curve: PRCurve, score_threshold: float) -> tuple[float, float]:
-    """(precision, recall) of one class counting only its detections with score >= score_threshold.
-    Precision is NaN without such detections, recall NaN without annotations."""
-    kept = int(np.sum(curve.scores >= score_threshold))  # the scores are sorted, so these are the first `kept`
-    precision = float(curve.precision[kept - 1]) if kept else float("nan")
-    if curve.num_annotations == 0:
-        return precision, float("nan")
-    return precision, float(curve.recall[kept - 1]) if kept else 0.0
-
-
-def metrics_table(
-    curves: dict[int, PRCurve],
-    score_threshold: float = 0.05,
-    class_names: list[str] | None = None,
-    use_07_metric: bool = False,
-) -> pd.DataFrame:
-    """One row per class: class, AP, annotations, and precision and recall at the score threshold."""
-    rows = []
-    for k, curve in curves.items():
-        precision, recall = operating_point(curve, score_threshold)
-        rows.append({
-            "class": class_names[k] if class_names is not None else str(k),
-            "AP": average_precision(curve.precision, curve.recall, use_07_metric),
-            "annotations": curve.num_annotations,
-            "precision": precision,
-            "recall": recall,
-        })
-    return pd.DataFrame(rows, columns=["class", "AP", "annotations", "precision", "recall"])
-
-
-def class_metrics(
-    detections: PerImagePerClass,
-    annotations: PerImagePerClass,
-    iou_threshold: float = 0.5,
-    score_threshold: float = 0.05,
-    class_names: list[str] | None = None,
-    use_07_metric: bool = False,
-) -> pd.DataFrame:
-    """Per-class AP (over all detections), annotation count, and precision and recall computed for each class
-    from its own detections with score >= score_threshold. Columns: class, AP, annotations, precision, recall."""
-    curves = precision_recall_curves(detections, annotations, iou_threshold)
-    return metrics_table(curves, score_threshold, class_names, use_07_metric)
-
-
-# ------------------------------------------------------------------------------------- from model outputs
-
-
-def detections_per_class(prediction: dict[str, np.ndarray], num_classes: int) -> list[np.ndarray]:
-    """Split one image's predictions {"boxes" (D, 4), "scores" (D,), "labels" (D,)} into K arrays (n, 5)."""
-    labels = prediction["labels"]
-    if len(labels) and not 0 <= labels.min() <= labels.max() < num_classes:
-        raise ValueError(f"the model predicted labels {labels.min()}..{labels.max()}, the dataset has "
-                         f"{num_classes} classes")
-    rows = np.concatenate([prediction["boxes"], prediction["scores"][:, None]], axis=1)  # (D, 4) + (D, 1) -> (D, 5)
-    return [rows[labels == k] for k in range(num_classes)]
-
-
-def annotations_per_class(annotations: np.ndarray, num_classes: int) -> list[np.ndarray]:
-    """Split one image's (N, 5) annotations x1, y1, x2, y2, class into K arrays (m, 4)."""
-    return [annotations[annotations[:, 4] == k, :4] for k in range(num_classes)]
-
-
-def save_pr_curves(
-    curves: dict[int, PRCurve], class_names: list[str], output_dir: str, score_threshold: float = 0.05,
-    use_07_metric: bool = False,
-) -> list[str]:
-    """Write one precision-recall plot per annotated class, `{output_dir}/{k:03d}_{name}.png`; returns the paths."""
-    os.makedirs(output_dir, exist_ok=True)
-    paths = []
-    for k, curve in curves.items():
-        if curve.num_annotations == 0:
-            continue
-        figure = Figure(figsize=(5, 4.5))
-        FigureCanvasAgg(figure)  # render off-screen with Agg; no display is needed
-        axes = figure.add_subplot()
-        axes.plot(curve.recall, curve.precision, label="precision")
-        if len(curve.scores):
-            envelope = np.maximum.accumulate(curve.precision[::-1])[::-1]  # (n,) best precision from here on
-            # from recall 0: the envelope holds its value over (previous recall, recall] ("steps-pre")
-            axes.plot(np.concatenate([[0.0], curve.recall]), np.concatenate([envelope[:1], envelope]), "--",
-                      drawstyle="steps-pre", label="envelope (all-point AP: the area below)")
-        precision, recall = operating_point(curve, score_threshold)
-        axes.plot([recall], [precision], "o", label=f"score >= {score_threshold:g}")
-        ap = average_precision(curve.precision, curve.recall, use_07_metric)
-        axes.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision",
-                 title=f"{class_names[k]}: AP {ap:.3f}, {curve.num_annotations} boxes")
-        axes.legend(loc="best")
-        safe_name = re.sub(r"[^\w.-]+", "_", class_names[k])
-        path = os.path.join(output_dir, f"{k:03d}_{safe_name}.png")
-        figure.savefig(path, dpi=100)
-        paths.append(path)
-    return paths
-
-
-def evaluate(
-    model: nn.Module,
-    dataset: DetectionDataset,
-    iou_threshold: float = 0.5,
-    score_threshold: float = 0.05,
-    batch_size: int = 8,
-    use_07_metric: bool = False,
-    pr_curves_dir: str | None = None,
-    workers: int = 0,
-) -> dict:
-    """Detect on every image of `dataset`, print per-class AP, precision and recall and the mAP, and save
-    precision-recall plots into pr_curves_dir if given. AP counts every detection the model returns (its own
-    §4 threshold of 0.05 applies); score_threshold only sets where precision and recall are read.
-
-    Returns {"mAP": float (NaN if no class has annotations), "per_class": DataFrame as class_metrics}.
-    """
-    predictions = predict_dataset(model, dataset, batch_size=batch_size, workers=workers)
-    num_classes = dataset.num_classes
-    detections = [detections_per_class(prediction, num_classes) for prediction in predictions]
-    annotations = [annotations_per_class(dataset.load_annotations(i), num_classes) for i in range(len(dataset))]
-    curves = precision_recall_curves(detections, annotations, iou_threshold)
-    table = metrics_table(curves, score_threshold, dataset.class_names, use_07_metric)
-    mean_ap = mean_average_precision(_average_precisions_of(curves, use_07_metric))
-    metric = "11-point VOC2007" if use_07_metric else "all-point VOC2010+"
-    print(f"AP at IoU {iou_threshold:g} ({metric}); precision and recall of detections with score >= "
-          f"{score_threshold:g}:")
-    print(table.to_string(index=False, float_format="{:.4f}".format))
-    num_annotated = int((table["annotations"] > 0).sum())
-    print(f"mAP: {mean_ap:.4f} (mean over the {num_annotated} of {num_classes} classes that have annotations)")
-    if pr_curves_dir is not None:
-        paths = save_pr_curves(curves, dataset.class_names, pr_curves_dir, score_threshold, use_07_metric)
-        print(f"saved {len(paths)} precision-recall curves to {os.path.abspath(pr_curves_dir)}")
-    return {"mAP": mean_ap, "per_class": table}
-
-
-# ----------------------------------------------------------------------------------------------------- script
+from retinanet.cli import add_inference_arguments, run_script
+from retinanet.dataloader import CSVDataset
+from retinanet.evaluation import evaluate
+from retinanet.predict import check_class_names, load_for_inference
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -303,7 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> None:
     dataset = CSVDataset(args.csv_annotations, args.csv_classes)  # check the annotations before loading the model
-    model, class_names, device, dataset.transform = load_for_inference(args)
+    model, class_names, device, dataset.transform = load_for_inference(
+        args.model, args.device, args.min_size, args.max_size)
     check_class_names(class_names, dataset.class_names)
     print(f"evaluating {args.model} on {len(dataset)} images of {args.csv_annotations} "
           f"({dataset.num_classes} classes) on {device}")
@@ -315,13 +44,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except ValueError as error:  # bad files or arguments; the message says which
-        print(f"csv_eval.py: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_script(run, parse_args(argv), "csv_eval.py")
 
 
 if __name__ == "__main__":

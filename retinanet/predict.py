@@ -5,7 +5,6 @@ padded input back to the pixels of the original image files, where the annotatio
 Legend for shapes: B batch, D detections of one image.
 """
 
-import argparse
 from typing import NamedTuple
 
 import numpy as np
@@ -16,23 +15,10 @@ from torchvision.ops import clip_boxes_to_image
 from tqdm import tqdm
 
 from .dataloader import AspectRatioBatchSampler, DetectionDataset, collate
+from .runtime import resolve_device
 from .transforms import DetectionTransform, build_transform
 
 DEFAULT_IMAGE_SIZE = (800, 1333)  # (min_size, max_size) for a model that does not say what it was trained at
-
-
-def resolve_device(name: str | None = None) -> torch.device:
-    """torch.device for a name such as "cpu", "cuda" or "cuda:1"; None picks CUDA when available, else the CPU.
-    Raises ValueError for an unknown name or an unavailable CUDA device."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(f"unknown device {name!r}; expected cpu, cuda or cuda:N") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested, but PyTorch sees no CUDA GPU here; use --device cpu")
-    return device
 
 
 def to_original_pixels(
@@ -98,16 +84,6 @@ def check_class_names(model_class_names: list[str], dataset_class_names: list[st
                          f"{mismatches[:5]}; labels are indices, so both class lists must be in the same order")
 
 
-def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of every script that runs a trained model: the checkpoint, image size, batching and device."""
-    parser.add_argument("--model", required=True, metavar="CHECKPOINT", help="checkpoint written by train.py, or a bare state dict")
-    parser.add_argument("--batch_size", type=int, default=8, help="images per inference batch (default 8)")
-    parser.add_argument("--min_size", type=int, help="shorter image side after resizing (default: as in training; 800 for a bare state dict)")
-    parser.add_argument("--max_size", type=int, help="longest image side after resizing (default: as in training; 1333 for a bare state dict)")
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--workers", type=int, default=0, help="image loading processes (default 0: load in this process)")
-
-
 class Inference(NamedTuple):
     """What running a trained model needs: the model in eval mode, its class names, its device, and the
     evaluation transform (resize as in training, then normalise)."""
@@ -118,13 +94,15 @@ class Inference(NamedTuple):
     transform: DetectionTransform
 
 
-def load_for_inference(args: argparse.Namespace) -> Inference:
-    """The model of --model on --device, with the images resized as in training unless --min_size/--max_size say
-    otherwise (see add_inference_arguments)."""
+def load_for_inference(
+    model_path: str, device: str | None = None, min_size: int | None = None, max_size: int | None = None
+) -> Inference:
+    """The model of the checkpoint at `model_path` on `device` (a name as for resolve_device; None: CUDA when
+    available), with the images resized as in training unless min_size or max_size say otherwise."""
     from .checkpoint import load_model  # the model code only here: the metrics need none
 
-    device = resolve_device(args.device)
-    model, class_names, trained_size = load_model(args.model, device)
-    min_size, max_size = trained_size or DEFAULT_IMAGE_SIZE
-    transform = build_transform(False, args.min_size or min_size, args.max_size or max_size)
+    device = resolve_device(device)
+    model, class_names, trained_size = load_model(model_path, device)
+    trained_min_size, trained_max_size = trained_size or DEFAULT_IMAGE_SIZE
+    transform = build_transform(False, min_size or trained_min_size, max_size or trained_max_size)
     return Inference(model, class_names, device, transform)

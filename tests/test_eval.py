@@ -1,6 +1,6 @@
 """Tests of the evaluation code: VOC-style AP against hand-computed values, per-class precision and recall, the
 mapping of detections back to original pixels, and the COCO results and COCOeval path. No trained model needed:
-csv_eval and coco_eval import the model code only in their scripts' run()."""
+retinanet.evaluation, retinanet.coco_evaluation and their scripts import the model code only to load a checkpoint."""
 
 import importlib
 import json
@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-import coco_eval
 import csv_eval
+from retinanet import coco_evaluation, evaluation
 from retinanet.dataloader import CocoDataset, CSVDataset
 from retinanet.predict import check_class_names, predict_dataset
 from retinanet.transforms import build_transform
@@ -40,7 +40,7 @@ FAR = [100, 100, 110, 110]  # overlaps nothing
 def test_perfect_detector_has_ap_one():
     detections = [[scored(A + [0.9], B + [0.8]), scored(C + [0.7])], [NONE_5, scored(D + [0.6])]]
     annotations = [[boxes(A, B), boxes(C)], [NONE_4, boxes(D)]]
-    assert csv_eval.average_precisions(detections, annotations) == {0: (1.0, 2), 1: (1.0, 2)}
+    assert evaluation.average_precisions(detections, annotations) == {0: (1.0, 2), 1: (1.0, 2)}
 
 
 def test_duplicate_detection_is_a_false_positive():
@@ -48,7 +48,7 @@ def test_duplicate_detection_is_a_false_positive():
     #   precision 1/1, 1/2, 2/3; recall 1/2, 1/2, 2/2; envelope 1, 2/3, 2/3
     #   AP = (1/2 - 0) * 1 + (1/2 - 1/2) * 2/3 + (1 - 1/2) * 2/3 = 1/2 + 1/3 = 5/6
     detections = [[scored(A + [0.9], A + [0.8], B + [0.7])]]
-    ap, num_annotations = csv_eval.average_precisions(detections, [[boxes(A, B)]])[0]
+    ap, num_annotations = evaluation.average_precisions(detections, [[boxes(A, B)]])[0]
     assert ap == pytest.approx(5 / 6)
     assert num_annotations == 2
 
@@ -56,30 +56,30 @@ def test_duplicate_detection_is_a_false_positive():
 def test_detection_of_the_wrong_class_does_not_match():
     detections = [[NONE_5, scored(A + [0.9])]]  # class 1 detected where class 0 is annotated
     annotations = [[boxes(A), NONE_4]]
-    results = csv_eval.average_precisions(detections, annotations)
+    results = evaluation.average_precisions(detections, annotations)
     assert results == {0: (0.0, 1), 1: (0.0, 0)}  # class 0 has no detection; class 1 no annotation
-    assert csv_eval.mean_average_precision(results) == 0.0  # the mean over class 0 alone
+    assert evaluation.mean_average_precision(results) == 0.0  # the mean over class 0 alone
 
 
 @pytest.mark.parametrize("height, expected_ap", [(4.9, 0.0), (5.0, 1.0), (5.1, 1.0)])
 def test_iou_threshold_is_inclusive(height, expected_ap):
     # box (0, 0, 10, h) inside A = (0, 0, 10, 10): IoU = 10h / 100, so 0.49, exactly 0.5 and 0.51
     detections = [[scored([0, 0, 10, height, 0.9])]]
-    ap, _ = csv_eval.average_precisions(detections, [[boxes(A)]], iou_threshold=0.5)[0]
+    ap, _ = evaluation.average_precisions(detections, [[boxes(A)]], iou_threshold=0.5)[0]
     assert ap == expected_ap
 
 
 def test_class_with_no_detections_has_ap_zero():
-    assert csv_eval.average_precisions([[NONE_5]], [[boxes(A, B)]]) == {0: (0.0, 2)}
+    assert evaluation.average_precisions([[NONE_5]], [[boxes(A, B)]]) == {0: (0.0, 2)}
 
 
 def test_class_without_annotations_is_left_out_of_the_mean():
     detections = [[scored(A + [0.9]), scored(B + [0.8])]]  # class 1's detection is a false positive
     annotations = [[boxes(A), NONE_4]]
-    results = csv_eval.average_precisions(detections, annotations)
+    results = evaluation.average_precisions(detections, annotations)
     assert results == {0: (1.0, 1), 1: (0.0, 0)}
-    assert csv_eval.mean_average_precision(results) == 1.0  # not (1 + 0) / 2
-    assert np.isnan(csv_eval.mean_average_precision({0: (0.0, 0)}))
+    assert evaluation.mean_average_precision(results) == 1.0  # not (1 + 0) / 2
+    assert np.isnan(evaluation.mean_average_precision({0: (0.0, 0)}))
 
 
 # Four boxes over two images; by decreasing score, across the images:
@@ -98,7 +98,7 @@ MIXED_ANNOTATIONS = [[boxes(A, B)], [boxes(C, D)]]
 
 def test_all_point_ap_of_interleaved_true_and_false_positives():
     # AP = sum of recall gained x envelope = 1/4 * 1 + 1/4 * 2/3 + 1/4 * 1/2 = 6/24 + 4/24 + 3/24 = 13/24
-    ap, num_annotations = csv_eval.average_precisions(MIXED_DETECTIONS, MIXED_ANNOTATIONS)[0]
+    ap, num_annotations = evaluation.average_precisions(MIXED_DETECTIONS, MIXED_ANNOTATIONS)[0]
     assert ap == pytest.approx(13 / 24)
     assert num_annotations == 4
 
@@ -110,12 +110,12 @@ def test_eleven_point_ap_of_voc2007():
     #   r = 0.6, 0.7          -> 1/2    (recall 3/4 only)
     #   r = 0.8, 0.9, 1.0     -> 0      (never reached)
     #   AP = (3 * 1 + 3 * 2/3 + 2 * 1/2 + 3 * 0) / 11 = 6/11
-    ap, _ = csv_eval.average_precisions(MIXED_DETECTIONS, MIXED_ANNOTATIONS, use_07_metric=True)[0]
+    ap, _ = evaluation.average_precisions(MIXED_DETECTIONS, MIXED_ANNOTATIONS, use_07_metric=True)[0]
     assert ap == pytest.approx(6 / 11)
 
 
 def test_curve_lists_precision_and_recall_after_each_detection():
-    curve = csv_eval.precision_recall_curves(MIXED_DETECTIONS, MIXED_ANNOTATIONS)[0]
+    curve = evaluation.precision_recall_curves(MIXED_DETECTIONS, MIXED_ANNOTATIONS)[0]
     np.testing.assert_allclose(curve.scores, [0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
     np.testing.assert_allclose(curve.precision, [1, 1 / 2, 2 / 3, 1 / 2, 2 / 5, 1 / 2])
     np.testing.assert_allclose(curve.recall, [1 / 4, 1 / 4, 2 / 4, 2 / 4, 2 / 4, 3 / 4])
@@ -123,9 +123,9 @@ def test_curve_lists_precision_and_recall_after_each_detection():
 
 def test_inconsistent_inputs_raise_value_error():
     with pytest.raises(ValueError, match="images"):
-        csv_eval.average_precisions([[NONE_5]], [[NONE_4], [NONE_4]])
+        evaluation.average_precisions([[NONE_5]], [[NONE_4], [NONE_4]])
     with pytest.raises(ValueError, match="one array per class"):
-        csv_eval.average_precisions([[NONE_5]], [[NONE_4, NONE_4]])
+        evaluation.average_precisions([[NONE_5]], [[NONE_4, NONE_4]])
 
 
 # ------------------------------------------------------------------------------ per-class precision and recall
@@ -139,7 +139,7 @@ def test_precision_and_recall_are_computed_per_class():
     # class 2, no boxes: one FP, precision 0, recall undefined.
     detections = [[scored(A + [0.9], FAR + [0.8], B + [0.3]), scored(C + [0.7]), scored(D + [0.6])]]
     annotations = [[boxes(A, B), boxes(C), NONE_4]]
-    table = csv_eval.class_metrics(detections, annotations, score_threshold=0.5, class_names=["cat", "dog", "cow"])
+    table = evaluation.class_metrics(detections, annotations, score_threshold=0.5, class_names=["cat", "dog", "cow"])
     assert list(table.columns) == ["class", "AP", "annotations", "precision", "recall"]
     assert list(table["class"]) == ["cat", "dog", "cow"]
     assert list(table["annotations"]) == [2, 1, 0]
@@ -150,8 +150,8 @@ def test_precision_and_recall_are_computed_per_class():
 
 
 def test_operating_point_without_detections_above_the_threshold():
-    curve = csv_eval.precision_recall_curves([[scored(A + [0.2])]], [[boxes(A)]])[0]
-    precision, recall = csv_eval.operating_point(curve, score_threshold=0.5)
+    curve = evaluation.precision_recall_curves([[scored(A + [0.2])]], [[boxes(A)]])[0]
+    precision, recall = evaluation.operating_point(curve, score_threshold=0.5)
     assert np.isnan(precision)  # 0 / 0 detections
     assert recall == 0.0
 
@@ -219,7 +219,7 @@ def test_evaluate_prints_the_table_and_saves_curves(tmp_path, capsys):
     rows = ["0.png,0,0,32,32,cat", "1.png,0,0,32,32,cat", "2.png,0,0,32,32,dog"]
     annotations, classes = write_csv_dataset(tmp_path, [(32, 32)] * 3, rows)
     dataset = CSVDataset(annotations, classes, build_transform(False, min_size=64, max_size=64))
-    result = csv_eval.evaluate(FixedDetector(whole=True).eval(), dataset, pr_curves_dir=str(tmp_path / "curves"))
+    result = evaluation.evaluate(FixedDetector(whole=True).eval(), dataset, pr_curves_dir=str(tmp_path / "curves"))
     assert result["mAP"] == pytest.approx(0.5)
     table = result["per_class"]
     np.testing.assert_allclose(table["AP"], [1.0, 0.0])
@@ -251,8 +251,11 @@ def test_csv_eval_script_reports_a_missing_file_without_traceback(tmp_path, caps
 def test_scripts_import_without_the_model_code(monkeypatch):
     for name in ("retinanet.model", "retinanet.checkpoint"):
         monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: importing it raises ImportError
-    for name in ("csv_eval", "coco_eval", "retinanet.predict", "retinanet.dataloader"):
+    for name in ("csv_eval", "coco_eval", "retinanet.evaluation", "retinanet.coco_evaluation", "retinanet.predict",
+                 "retinanet.dataloader"):
         monkeypatch.delitem(sys.modules, name, raising=False)  # import these afresh; restored after the test
+    importlib.import_module("retinanet.evaluation")
+    importlib.import_module("retinanet.coco_evaluation")
     importlib.import_module("csv_eval")
     importlib.import_module("coco_eval")
 
@@ -288,10 +291,10 @@ def ground_truth_as_predictions(dataset) -> list[dict]:
 
 
 def test_coco_results_of_the_ground_truth_score_ap_one(coco_dataset):
-    results = coco_eval.coco_results(ground_truth_as_predictions(coco_dataset), coco_dataset)
+    results = coco_evaluation.coco_results(ground_truth_as_predictions(coco_dataset), coco_dataset)
     assert {(r["image_id"], r["category_id"], tuple(r["bbox"])) for r in results} == {
         (10, 3, (2, 3, 20, 15)), (10, 7, (25, 10, 10, 12)), (20, 7, (5, 5, 40, 50)), (20, 3, (0, 0, 8, 9))}
-    stats = coco_eval.run_cocoeval(coco_dataset.coco, results, coco_dataset.image_ids)
+    stats = coco_evaluation.run_cocoeval(coco_dataset.coco, results, coco_dataset.image_ids)
     assert len(stats) == 12
     assert stats[0] == pytest.approx(1.0)  # AP@[.5:.95]
     assert stats[1] == pytest.approx(1.0)  # AP50
@@ -302,23 +305,23 @@ def test_coco_results_keep_the_100_best_detections_per_image(coco_dataset):
     scores = np.linspace(0.01, 1.0, 150, dtype=np.float32)
     many = {"boxes": np.tile([[1.0, 1.0, 5.0, 5.0]], (150, 1)), "scores": scores, "labels": np.zeros(150, np.int64)}
     empty = {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0, np.int64)}
-    results = coco_eval.coco_results([many, empty, empty], coco_dataset)
+    results = coco_evaluation.coco_results([many, empty, empty], coco_dataset)
     assert len(results) == 100
     assert min(r["score"] for r in results) == pytest.approx(scores[50])
 
 
 def test_no_detections_give_zeros_without_crashing(coco_dataset, capsys):
     empty = {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0, np.int64)}
-    results = coco_eval.coco_results([empty] * 3, coco_dataset)
+    results = coco_evaluation.coco_results([empty] * 3, coco_dataset)
     assert results == []
-    assert coco_eval.run_cocoeval(coco_dataset.coco, results, coco_dataset.image_ids) == [0.0] * 12
+    assert coco_evaluation.run_cocoeval(coco_dataset.coco, results, coco_dataset.image_ids) == [0.0] * 12
     assert "no detections" in capsys.readouterr().out
 
 
 def test_evaluate_coco_writes_the_results_file(coco_dataset, tmp_path):
     coco_dataset.transform = build_transform(False, min_size=32, max_size=64)
-    stats = coco_eval.evaluate_coco(FixedDetector().eval(), coco_dataset, batch_size=2,
-                                    output_dir=str(tmp_path / "out"), set_name="val")
+    stats = coco_evaluation.evaluate_coco(FixedDetector().eval(), coco_dataset, batch_size=2,
+                                          output_dir=str(tmp_path / "out"), set_name="val")
     results = json.loads((tmp_path / "out" / "val_bbox_results.json").read_text())
     assert len(results) == 3 and {r["category_id"] for r in results} == {3}
     assert len(stats) == 12

@@ -11,6 +11,7 @@ from PIL import Image
 import coco_eval
 import csv_eval
 import visualize
+from retinanet.drawing import CAPTION_HEIGHT
 
 SHAPES_IMAGE_SIZE = 160  # make_shapes_dataset's default, used by train.py
 NUM_VAL_IMAGES = 4
@@ -73,7 +74,7 @@ def test_visualize_shows_ground_truth_next_to_predictions(trained_shapes_run, tm
         assert sorted(os.listdir(output)) == ["00000.png", "00001.png", "00002.png"]
         for drawn in os.listdir(output):
             with Image.open(output / drawn) as image:
-                assert image.size == (2 * SHAPES_IMAGE_SIZE, visualize.CAPTION_HEIGHT + SHAPES_IMAGE_SIZE)
+                assert image.size == (2 * SHAPES_IMAGE_SIZE, CAPTION_HEIGHT + SHAPES_IMAGE_SIZE)
 
 
 def test_visualize_refuses_a_class_list_other_than_the_models(trained_shapes_run, tmp_path, capsys):

@@ -1,6 +1,6 @@
-"""Tests of visualize.py without a trained model: the drawing on synthetic images, the files written for a folder
-of images and for an annotated set (with a detector that returns fixed boxes), and the errors a user can cause.
-tests/test_scripts.py runs the script end to end with a trained checkpoint."""
+"""Tests of retinanet/drawing.py and visualize.py without a trained model: the drawing on synthetic images, the
+files written for a folder of images and for an annotated set (with a detector that returns fixed boxes), and the
+errors a user can cause. tests/test_scripts.py runs the script end to end with a trained checkpoint."""
 
 import numpy as np
 import pytest
@@ -9,6 +9,7 @@ from PIL import Image
 from torch import nn
 
 import visualize
+from retinanet import drawing
 from retinanet.dataloader import CSVDataset
 
 CLASS_NAMES = ["cat", "dog", "cow"]
@@ -47,9 +48,9 @@ def save_gray(path, width: int, height: int) -> str:
 
 def test_box_outline_takes_the_class_colour_and_far_pixels_stay():
     image = gray_image()
-    drawn = visualize.draw_boxes(image, np.array([[10.0, 20.0, 50.0, 56.0]]), np.array([1]), CLASS_NAMES,
+    drawn = drawing.draw_boxes(image, np.array([[10.0, 20.0, 50.0, 56.0]]), np.array([1]), CLASS_NAMES,
                                  scores=np.array([0.9]))
-    dog = visualize.class_colors(3)[1]
+    dog = drawing.class_colors(3)[1]
     # The outline, 2 pixels wide inside the box (the label is written in its top-left corner, above y = 40)
     assert color_at(drawn, 10, 45) == dog and color_at(drawn, 11, 45) == dog  # left edge
     assert color_at(drawn, 50, 45) == dog  # right edge
@@ -61,28 +62,28 @@ def test_box_outline_takes_the_class_colour_and_far_pixels_stay():
 
 
 def test_each_class_has_its_own_colour():
-    colors = visualize.class_colors(5)
-    assert len(set(colors)) == 5 and colors == visualize.class_colors(5)  # distinct, the same on every call
-    assert len(set(visualize.class_colors(80))) == 80
+    colors = drawing.class_colors(5)
+    assert len(set(colors)) == 5 and colors == drawing.class_colors(5)  # distinct, the same on every call
+    assert len(set(drawing.class_colors(80))) == 80
     boxes = np.array([[5.0, 5.0, 30.0, 60.0], [40.0, 5.0, 70.0, 60.0]])
-    drawn = visualize.draw_boxes(gray_image(), boxes, np.array([0, 2]), CLASS_NAMES)
-    cat, cow = visualize.class_colors(3)[0], visualize.class_colors(3)[2]
+    drawn = drawing.draw_boxes(gray_image(), boxes, np.array([0, 2]), CLASS_NAMES)
+    cat, cow = drawing.class_colors(3)[0], drawing.class_colors(3)[2]
     assert cat != cow
     assert color_at(drawn, 5, 50) == cat and color_at(drawn, 40, 50) == cow
 
 
 def test_no_boxes_give_an_unchanged_copy_and_unknown_labels_an_error():
     image = gray_image()
-    drawn = visualize.draw_boxes(image, np.zeros((0, 4)), np.zeros(0, np.int64), CLASS_NAMES)
+    drawn = drawing.draw_boxes(image, np.zeros((0, 4)), np.zeros(0, np.int64), CLASS_NAMES)
     assert torch.equal(drawn, image) and drawn is not image
     with pytest.raises(ValueError, match="3 class names"):
-        visualize.draw_boxes(image, np.array([[1.0, 1.0, 9.0, 9.0]]), np.array([3]), CLASS_NAMES)
+        drawing.draw_boxes(image, np.array([[1.0, 1.0, 9.0, 9.0]]), np.array([3]), CLASS_NAMES)
 
 
 def test_confident_keeps_scores_at_the_threshold_and_above_least_confident_first():
     prediction = {"boxes": np.arange(16, dtype=np.float32).reshape(4, 4), "scores": np.array([0.7, 0.2, 0.5, 0.9]),
                   "labels": np.array([0, 1, 2, 0])}
-    shown = visualize.confident(prediction, 0.5)
+    shown = drawing.confident(prediction, 0.5)
     np.testing.assert_allclose(shown["scores"], [0.5, 0.7, 0.9])  # drawn in this order: the best on top
     np.testing.assert_array_equal(shown["labels"], [2, 0, 0])
     np.testing.assert_array_equal(shown["boxes"][:, 0], [8, 0, 12])
@@ -92,21 +93,21 @@ def test_ground_truth_and_predictions_side_by_side():
     image = gray_image(height=50, width=60)
     prediction = {"boxes": np.array([[30.0, 10.0, 50.0, 40.0]]), "scores": np.array([0.8]), "labels": np.array([2])}
     annotations = np.array([[5.0, 10.0, 25.0, 40.0, 0.0]], dtype=np.float32)
-    picture = visualize.render(image, prediction, CLASS_NAMES, 0.5, annotations)
-    top = visualize.CAPTION_HEIGHT
+    picture = drawing.render(image, prediction, CLASS_NAMES, 0.5, annotations)
+    top = drawing.CAPTION_HEIGHT
     assert picture.shape == (3, top + 50, 2 * 60)  # captions above two panels of the image's size
-    cat, cow = visualize.class_colors(3)[0], visualize.class_colors(3)[2]
+    cat, cow = drawing.class_colors(3)[0], drawing.class_colors(3)[2]
     assert color_at(picture, 5, top + 35) == cat  # ground truth on the left
     assert color_at(picture, 60 + 5, top + 35) == (GRAY,) * 3
     assert color_at(picture, 60 + 30, top + 35) == cow  # the prediction on the right
     assert color_at(picture, 30, top + 35) == (GRAY,) * 3
     assert torch.any(picture[:, :top, :60] > 200) and torch.any(picture[:, :top, 60:] > 200)  # white captions
-    assert visualize.render(image, prediction, CLASS_NAMES, 0.5).shape == (3, 50, 60)  # no annotations: one panel
+    assert drawing.render(image, prediction, CLASS_NAMES, 0.5).shape == (3, 50, 60)  # no annotations: one panel
 
 
 def test_output_names_keep_jpeg_and_number_duplicates():
-    assert visualize.output_names(["a/x.JPG", "a/y.bmp", "b/z.png"]) == ["x.JPG", "y.png", "z.png"]
-    assert visualize.output_names(["a/x.png", "b/x.png"]) == ["00000_x.png", "00001_x.png"]
+    assert drawing.output_names(["a/x.JPG", "a/y.bmp", "b/z.png"]) == ["x.JPG", "y.png", "z.png"]
+    assert drawing.output_names(["a/x.png", "b/x.png"]) == ["00000_x.png", "00001_x.png"]
 
 
 # ------------------------------------------------------------------------------------------------------- files
@@ -117,13 +118,13 @@ def test_folder_of_images_gives_one_drawing_per_image_at_its_size(tmp_path):
     save_gray(tmp_path / "in" / "b.png", 40, 50)
     save_gray(tmp_path / "in" / "c.bmp", 60, 48)
     (tmp_path / "in" / "notes.txt").write_text("not an image")
-    dataset = visualize.image_folder_dataset(visualize.find_images(str(tmp_path / "in")), CLASS_NAMES)
-    paths = visualize.visualize_dataset(FixedDetector().eval(), dataset, CLASS_NAMES, str(tmp_path / "out"))
+    dataset = drawing.image_folder_dataset(visualize.find_images(str(tmp_path / "in")), CLASS_NAMES)
+    paths = drawing.visualize_dataset(FixedDetector().eval(), dataset, CLASS_NAMES, str(tmp_path / "out"))
     assert paths == [str(tmp_path / "out" / name) for name in ("a.jpg", "b.png", "c.png")]
     formats_and_sizes = [(Image.open(path).format, Image.open(path).size) for path in paths]
     assert formats_and_sizes == [("JPEG", (48, 64)), ("PNG", (40, 50)), ("PNG", (60, 48))]
     drawn = np.asarray(Image.open(paths[1]))  # (H, W, 3), lossless
-    assert tuple(drawn[20, 4]) == visualize.class_colors(3)[1]  # the dog at score 0.9
+    assert tuple(drawn[20, 4]) == drawing.class_colors(3)[1]  # the dog at score 0.9
     assert tuple(drawn[40, 2]) == (GRAY,) * 3  # not the cat at 0.3, below the threshold 0.5
 
 
@@ -133,25 +134,25 @@ def test_annotated_set_gives_ground_truth_next_to_predictions_for_limit_images(t
     (tmp_path / "classes.csv").write_text("cat,0\ndog,1\ncow,2\n")
     (tmp_path / "val.csv").write_text("0.png,5,5,20,30,cow\n1.png,,,,,\n2.png,1,1,9,9,cat\n")
     dataset = CSVDataset(str(tmp_path / "val.csv"), str(tmp_path / "classes.csv"))
-    paths = visualize.visualize_dataset(FixedDetector().eval(), dataset, CLASS_NAMES, str(tmp_path / "out"), limit=2)
+    paths = drawing.visualize_dataset(FixedDetector().eval(), dataset, CLASS_NAMES, str(tmp_path / "out"), limit=2)
     assert paths == [str(tmp_path / "out" / "0.png"), str(tmp_path / "out" / "1.png")]
-    assert [Image.open(path).size for path in paths] == [(2 * 40, visualize.CAPTION_HEIGHT + 50)] * 2
+    assert [Image.open(path).size for path in paths] == [(2 * 40, drawing.CAPTION_HEIGHT + 50)] * 2
     drawn = np.asarray(Image.open(paths[0]))
-    assert tuple(drawn[visualize.CAPTION_HEIGHT + 25, 5]) == visualize.class_colors(3)[2]  # the annotated cow
+    assert tuple(drawn[drawing.CAPTION_HEIGHT + 25, 5]) == drawing.class_colors(3)[2]  # the annotated cow
 
 
 def test_unreadable_image_is_a_value_error_naming_it(tmp_path):
     save_gray(tmp_path / "in" / "good.png", 32, 32)
     (tmp_path / "in" / "broken.png").write_bytes(b"not a png")
-    dataset = visualize.image_folder_dataset(visualize.find_images(str(tmp_path / "in")), CLASS_NAMES)
+    dataset = drawing.image_folder_dataset(visualize.find_images(str(tmp_path / "in")), CLASS_NAMES)
     with pytest.raises(ValueError, match="broken.png"):
-        visualize.visualize_dataset(FixedDetector().eval(), dataset, CLASS_NAMES, str(tmp_path / "out"))
+        drawing.visualize_dataset(FixedDetector().eval(), dataset, CLASS_NAMES, str(tmp_path / "out"))
 
 
 def test_drawings_never_overwrite_the_input_images(tmp_path):
-    dataset = visualize.image_folder_dataset([save_gray(tmp_path / "a.png", 32, 32)], CLASS_NAMES)
+    dataset = drawing.image_folder_dataset([save_gray(tmp_path / "a.png", 32, 32)], CLASS_NAMES)
     with pytest.raises(ValueError, match="overwrite the input"):
-        visualize.visualize_dataset(FixedDetector().eval(), dataset, CLASS_NAMES, str(tmp_path))
+        drawing.visualize_dataset(FixedDetector().eval(), dataset, CLASS_NAMES, str(tmp_path))
 
 
 @pytest.mark.parametrize("folder, message", [("missing", "no such image file or folder"),
@@ -179,8 +180,8 @@ def test_incomplete_or_contradictory_flags_are_refused(argv):
 
 
 def test_bad_threshold_and_limit_are_value_errors(tmp_path):
-    dataset = visualize.image_folder_dataset([save_gray(tmp_path / "a.png", 32, 32)], CLASS_NAMES)
+    dataset = drawing.image_folder_dataset([save_gray(tmp_path / "a.png", 32, 32)], CLASS_NAMES)
     with pytest.raises(ValueError, match="score_threshold"):
-        visualize.visualize_dataset(FixedDetector().eval(), dataset, CLASS_NAMES, str(tmp_path / "out"), 1.5)
+        drawing.visualize_dataset(FixedDetector().eval(), dataset, CLASS_NAMES, str(tmp_path / "out"), 1.5)
     with pytest.raises(ValueError, match="limit"):
-        visualize.visualize_dataset(FixedDetector().eval(), dataset, CLASS_NAMES, str(tmp_path / "out"), limit=0)
+        drawing.visualize_dataset(FixedDetector().eval(), dataset, CLASS_NAMES, str(tmp_path / "out"), limit=0)

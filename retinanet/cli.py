@@ -1,0 +1,36 @@
+"""What the scripts share on the command line: the flags of running a trained model (the paper's §4.1 "Inference"
+at the image size the model was trained at) and how a script ends on a user error: one message, no traceback."""
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .runtime import error_message
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of every script that runs a trained model: the checkpoint, image size, batching and device."""
+    parser.add_argument("--model", required=True, metavar="CHECKPOINT", help="checkpoint written by train.py, or a bare state dict")
+    parser.add_argument("--batch_size", type=int, default=8, help="images per inference batch (default 8)")
+    parser.add_argument("--min_size", type=int, help="shorter image side after resizing (default: as in training; 800 for a bare state dict)")
+    parser.add_argument("--max_size", type=int, help="longest image side after resizing (default: as in training; 1333 for a bare state dict)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--workers", type=int, default=0, help="image loading processes (default 0: load in this process)")
+
+
+def run_script(
+    run: Callable[[Any], int | None],
+    args: Any,
+    prog: str | None,
+    errors: tuple[type[Exception], ...] = (ValueError,),
+) -> int:
+    """The exit status of `run(args)`: its own, or 0 if it returns None. An error of the types in `errors` (bad
+    files or arguments, whose message says which) becomes one line on stderr, "{prog}: error: {message}" ("error:
+    {message}" without a prog), and exit status 2."""
+    try:
+        return run(args) or 0
+    except errors as error:
+        prefix = f"{prog}: " if prog else ""
+        print(f"{prefix}error: {error_message(error)}", file=sys.stderr)
+        return 2

@@ -1,0 +1,177 @@
+"""Drawing a detector's output (the paper's §4.1 "Inference": boxes, class labels and scores) on images: each box
+in its class's colour with the class name and score, on the original image; on an annotated set, the ground truth
+next to the predictions.
+
+Legend for shapes: N boxes of one image, (3, H, W) an RGB image, h the height of a caption band.
+"""
+
+import colorsys
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+from torchvision.utils import draw_bounding_boxes
+from tqdm import tqdm
+
+from .dataloader import DetectionDataset
+from .images import read_rgb_image
+from .predict import predict_dataset
+from .transforms import Transform
+
+JPEG_EXTENSIONS = (".jpg", ".jpeg")  # saved as JPEG again; every other format as PNG
+JPEG_QUALITY = 95
+PIXELS_PER_LINE_WIDTH = 400  # box outlines 1 pixel wide per 400 pixels of the longer image side, at least 2
+MIN_LINE_WIDTH = 2
+CAPTION_HEIGHT = 16  # the band above each panel of a side-by-side picture; fits Pillow's default 10-point font
+CAPTION_MARGIN = 4
+
+
+# ---------------------------------------------------------------------------------------------------- drawing
+
+
+def class_colors(num_classes: int) -> list[tuple[int, int, int]]:
+    """One RGB colour per class, hues evenly spaced around the colour wheel: the same colours on every run."""
+    hsv = [(k / num_classes, 0.75, 1.0) for k in range(num_classes)]
+    return [tuple(round(255 * channel) for channel in colorsys.hsv_to_rgb(*color)) for color in hsv]
+
+
+def draw_boxes(
+    image: torch.Tensor,
+    boxes: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+    class_names: list[str],
+    scores: np.ndarray | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Draw boxes (N, 4) x1, y1, x2, y2 in the pixels of `image` (3, H, W) uint8, each outlined in the colour of
+    its class (class_colors) and labelled with the class name, and the score when `scores` (N,) is given.
+    Returns a new (3, H, W) uint8 image; `image` is left as it is."""
+    labels = [int(label) for label in labels]
+    if any(not 0 <= label < len(class_names) for label in labels):
+        raise ValueError(f"labels {sorted(set(labels))} do not all index the {len(class_names)} class names")
+    if not labels:
+        return image.clone()
+    colors = class_colors(len(class_names))
+    texts = [class_names[label] for label in labels]
+    if scores is not None:
+        texts = [f"{text} {float(score):.2f}" for text, score in zip(texts, scores)]
+    height, width = image.shape[1:]
+    line_width = max(MIN_LINE_WIDTH, round(max(height, width) / PIXELS_PER_LINE_WIDTH))
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)  # (N, 4)
+    return draw_bounding_boxes(image, boxes, texts, colors=[colors[label] for label in labels], width=line_width,
+                               fill_labels=True)  # black text on the class colour
+
+
+def confident(prediction: dict[str, np.ndarray], score_threshold: float) -> dict[str, np.ndarray]:
+    """The detections with score >= score_threshold, by increasing score: the most confident are drawn last, on top."""
+    kept = np.flatnonzero(prediction["scores"] >= score_threshold)
+    order = kept[np.argsort(prediction["scores"][kept], kind="stable")]
+    return {key: prediction[key][order] for key in ("boxes", "scores", "labels")}
+
+
+def with_caption(image: torch.Tensor, text: str) -> torch.Tensor:
+    """`image` (3, H, W) under a black band with `text` in white: (3, CAPTION_HEIGHT + H, W)."""
+    band = Image.new("RGB", (image.shape[2], CAPTION_HEIGHT))
+    ImageDraw.Draw(band).text((CAPTION_MARGIN, 0), text, fill="white")
+    band = torch.from_numpy(np.array(band)).permute(2, 0, 1)  # (h, W, 3) -> (3, h, W)
+    return torch.cat([band, image], dim=1)  # (3, h, W) + (3, H, W) -> (3, h + H, W)
+
+
+def render(
+    image: torch.Tensor,
+    prediction: dict[str, np.ndarray],
+    class_names: list[str],
+    score_threshold: float = 0.5,
+    annotations: np.ndarray | None = None,
+) -> torch.Tensor:
+    """`image` (3, H, W) uint8 with the predictions of score >= score_threshold drawn on it: (3, H, W). With
+    annotations (N, 5) x1, y1, x2, y2, class, two captioned panels, ground truth | predictions:
+    (3, CAPTION_HEIGHT + H, 2W)."""
+    shown = confident(prediction, score_threshold)
+    predicted = draw_boxes(image, shown["boxes"], shown["labels"], class_names, shown["scores"])
+    if annotations is None:
+        return predicted
+    ground_truth = draw_boxes(image, annotations[:, :4], annotations[:, 4], class_names)
+    panels = [with_caption(ground_truth, "ground truth"), with_caption(predicted, "predictions")]
+    return torch.cat(panels, dim=2)  # 2 x (3, h + H, W) -> (3, h + H, 2W)
+
+
+# ------------------------------------------------------------------------------------------------------ files
+
+
+def image_folder_dataset(
+    image_paths: list[str], class_names: list[str], transform: Transform | None = None
+) -> DetectionDataset:
+    """A DetectionDataset of plain images, without annotations, for predict_dataset."""
+    no_boxes = [np.zeros((0, 5), np.float32)] * len(image_paths)
+    return DetectionDataset(image_paths, no_boxes, class_names, transform)
+
+
+def output_names(image_paths: list[str]) -> list[str]:
+    """The file name of each drawn image: the image's own name, as .png unless it is a JPEG, and prefixed with its
+    position when two images share a name (as two CSV rows may, from different folders)."""
+    names = []
+    for path in image_paths:
+        stem, extension = os.path.splitext(os.path.basename(path))
+        names.append(stem + (extension if extension.lower() in JPEG_EXTENSIONS else ".png"))
+    if len(set(names)) < len(names):
+        names = [f"{position:05d}_{name}" for position, name in enumerate(names)]
+    return names
+
+
+def save_image(image: torch.Tensor, path: str, source_path: str) -> str:
+    """Write (3, H, W) uint8 `image` to `path`, as JPEG or PNG by its extension, never over `source_path`."""
+    if os.path.exists(path) and os.path.samefile(path, source_path):
+        raise ValueError(f"{path}: refusing to overwrite the input image; write the drawings to another folder")
+    picture = Image.fromarray(image.permute(1, 2, 0).numpy())  # (3, H, W) -> (H, W, 3)
+    if path.lower().endswith(JPEG_EXTENSIONS):
+        picture.save(path, quality=JPEG_QUALITY)
+    else:
+        picture.save(path)
+    return path
+
+
+def visualize_dataset(
+    model: nn.Module,
+    dataset: DetectionDataset,
+    class_names: list[str],
+    output_dir: str,
+    score_threshold: float = 0.5,
+    limit: int | None = 8,
+    batch_size: int = 8,
+    workers: int = 0,
+) -> list[str]:
+    """Detect with `model` (in eval mode) on the first `limit` images of `dataset` (all if None) and save each
+    image into output_dir with its detections of score >= score_threshold drawn on it; if any image of the dataset
+    is annotated, the ground truth next to them (see render). Returns the paths written, in dataset order."""
+    if not 0.0 <= score_threshold <= 1.0:
+        raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1 (or None for all images), got {limit}")
+    if len(dataset) == 0:
+        raise ValueError("no images to draw on: the dataset is empty")
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    image_paths = [dataset.image_path(index) for index in range(count)]
+    annotations = [dataset.load_annotations(index) for index in range(count)]
+    has_ground_truth = any(len(dataset.load_annotations(index)) for index in range(len(dataset)))
+    subset = DetectionDataset(image_paths, annotations, dataset.class_names, dataset.transform)
+    predictions = predict_dataset(model, subset, batch_size=batch_size, workers=workers)
+    os.makedirs(output_dir, exist_ok=True)
+    paths = []
+    for index, name in enumerate(tqdm(output_names(image_paths), desc="drawing", unit="image")):
+        picture = render(read_rgb_image(image_paths[index]), predictions[index], class_names, score_threshold,
+                         annotations[index] if has_ground_truth else None)
+        paths.append(save_image(picture, os.path.join(output_dir, name), image_paths[index]))
+    return paths
+
+
+def show_images(paths: list[str]) -> None:
+    """Open each image in a matplotlib window (needs a display); returns when all windows are closed."""
+    import matplotlib.pyplot as plt  # only here: drawing and saving touch no GUI backend
+
+    for path in paths:
+        axes = plt.figure(os.path.basename(path)).add_subplot()
+        axes.imshow(read_rgb_image(path).permute(1, 2, 0).numpy())  # (3, H, W) -> (H, W, 3)
+        axes.set_axis_off()
+    plt.show()

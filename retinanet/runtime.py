@@ -1,0 +1,96 @@
+"""Where a run executes and how it ends: the device, the processes of distributed training (paper §4.1
+"Optimization": "synchronized SGD over 8 GPUs"), mixed precision, a clean stop on Ctrl-C or SIGTERM, and the
+messages of errors a user can fix."""
+
+import contextlib
+import os
+import signal
+
+import torch
+import torch.distributed as dist
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """torch.device for a name such as "cpu", "cuda" or "cuda:1"; None picks CUDA when available, else the CPU.
+    Raises ValueError for an unknown name or an unavailable CUDA device."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {name!r}; expected cpu, cuda or cuda:N") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested, but PyTorch sees no CUDA GPU here; use --device cpu")
+    return device
+
+
+def setup_distributed(device_name: str | None = None) -> tuple[torch.device, int, int]:
+    """Device, rank and world size; under torchrun, one process per GPU (NCCL) or per CPU process (gloo).
+    `device_name` as for resolve_device; under torchrun each process takes the GPU of its LOCAL_RANK."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    device = resolve_device(device_name)
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, rank, world_size
+
+
+def mixed_precision_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of mixed-precision training on `device`: fp16 on a GPU (as NVIDIA's retinanet-examples),
+    bf16 on a CPU that computes in bf16 natively (AVX512-BF16 or AMX: 1.7x faster than fp32 for the demo on an
+    EPYC), otherwise None, full precision: elsewhere bf16 is emulated, and slower than fp32."""
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return torch.bfloat16
+    return None
+
+
+class StopRequest:
+    """A signal handler for Ctrl-C (SIGINT) and SIGTERM: the first asks the training loop to stop after the current
+    step and save a checkpoint there; a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: StopRequest):
+    """Let Ctrl-C and SIGTERM (sent by schedulers before they kill a job) request a clean stop while inside."""
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(batch_shape: torch.Size):
+    """Turn a GPU out-of-memory error into a message that names the batch and says what to lower."""
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        batch_size, _, height, width = batch_shape
+        raise SystemExit(
+            f"error: out of GPU memory on a batch of {batch_size} images of {height}x{width} pixels (padded). Lower "
+            f"--batch_size (the default lr scales with it), or --min_size and --max_size; mixed precision, the default "
+            f"on GPU, needs less memory than --full_precision. ({str(error).splitlines()[0]})"
+        ) from error
+
+
+def error_message(error: Exception) -> str:
+    """The message of a user error. One raised in a DataLoader worker process comes back with the worker's whole
+    traceback in its message (PyTorch's way of re-raising it); its last line is the original message."""
+    message = str(error)
+    if "DataLoader worker" in message:
+        message = message.rstrip().splitlines()[-1].removeprefix(f"{type(error).__name__}: ")
+    return message
