@@ -9,10 +9,10 @@ import argparse
 import os
 import sys
 
-from retinanet.cli import add_inference_arguments, run_script
+from retinanet.cli import add_inference_arguments, inference_options, run_script
 from retinanet.coco_evaluation import evaluate_coco, results_path
 from retinanet.dataloader import CocoDataset
-from retinanet.predict import check_class_names, load_for_inference
+from retinanet.predict import predict_with_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,13 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> None:
     dataset = CocoDataset(args.coco_path, args.set_name)  # check the annotations before loading the model
-    model, class_names, device, dataset.transform = load_for_inference(
-        args.model, args.device, args.min_size, args.max_size)
-    check_class_names(class_names, dataset.class_names)
-    print(f"evaluating {args.model} on {len(dataset)} images of COCO {args.set_name} "
-          f"({dataset.num_classes} classes) on {device}")
-    stats = evaluate_coco(model, dataset, batch_size=args.batch_size, output_dir=args.output_dir,
-                          set_name=args.set_name, workers=args.workers)
+    predictions = predict_with_checkpoint(args.model, dataset, f"COCO {args.set_name}", **inference_options(args))
+    stats = evaluate_coco(predictions, dataset, output_dir=args.output_dir, set_name=args.set_name)
     print(f"AP@[.5:.95] {stats[0]:.4f}, AP50 {stats[1]:.4f}, AP75 {stats[2]:.4f}; detections saved in "
           f"{os.path.abspath(results_path(args.output_dir, args.set_name))}")
 

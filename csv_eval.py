@@ -11,10 +11,10 @@ How detections are matched and AP computed: retinanet/evaluation.py.
 import argparse
 import sys
 
-from retinanet.cli import add_inference_arguments, run_script
+from retinanet.cli import add_inference_arguments, inference_options, run_script
 from retinanet.dataloader import CSVDataset
 from retinanet.evaluation import evaluate
-from retinanet.predict import check_class_names, load_for_inference
+from retinanet.predict import predict_with_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,14 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> None:
     dataset = CSVDataset(args.csv_annotations, args.csv_classes)  # check the annotations before loading the model
-    model, class_names, device, dataset.transform = load_for_inference(
-        args.model, args.device, args.min_size, args.max_size)
-    check_class_names(class_names, dataset.class_names)
-    print(f"evaluating {args.model} on {len(dataset)} images of {args.csv_annotations} "
-          f"({dataset.num_classes} classes) on {device}")
-    evaluate(model, dataset, iou_threshold=args.iou_threshold, score_threshold=args.score_threshold,
-             batch_size=args.batch_size, use_07_metric=args.voc07, pr_curves_dir=args.pr_curves,
-             workers=args.workers)
+    predictions = predict_with_checkpoint(args.model, dataset, args.csv_annotations, **inference_options(args))
+    evaluate(predictions, dataset, iou_threshold=args.iou_threshold, score_threshold=args.score_threshold,
+             use_07_metric=args.voc07, pr_curves_dir=args.pr_curves)
     if args.pr_curves is None:
         print("results printed above (add --pr_curves DIR to also save precision-recall plots)")
 

@@ -5,7 +5,7 @@ on the original image; on an annotated set, the ground truth next to the predict
     python visualize.py --model output/best.pt --dataset csv --csv_annotations val.csv --csv_classes classes.csv
     python visualize.py --model output/best.pt --dataset coco --coco_path /data/coco --set_name val2017 --limit 20
 
-Only detections with score >= --score_threshold (0.5 by default) are drawn: the paper's §4 inference keeps
+Only detections with score >= --score_threshold (0.5 by default) are drawn: the paper's §4.1 inference keeps
 everything above 0.05 for the AP computation, far too many boxes to look at. JPEG images are saved as JPEG,
 everything else as PNG. No display is needed unless --show asks for matplotlib windows.
 """
@@ -18,7 +18,7 @@ from retinanet.cli import add_inference_arguments, run_script
 from retinanet.dataloader import CocoDataset, CSVDataset, DetectionDataset
 from retinanet.drawing import image_folder_dataset, show_images, visualize_dataset
 from retinanet.images import find_images
-from retinanet.predict import check_class_names, load_for_inference
+from retinanet.predict import load_for_inference
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,12 +57,7 @@ def build_dataset(args: argparse.Namespace) -> DetectionDataset:
 def run(args: argparse.Namespace) -> None:
     """Load the images and the model, draw, save, and say where the drawings went."""
     dataset = build_dataset(args)
-    model, class_names, device, dataset.transform = load_for_inference(
-        args.model, args.device, args.min_size, args.max_size)
-    if args.dataset is None:
-        dataset.class_names = class_names
-    else:
-        check_class_names(class_names, dataset.class_names)
+    model, _, device = load_for_inference(args.model, dataset, args.device, args.min_size, args.max_size)
     source = args.images or args.csv_annotations or f"COCO {args.set_name}"
     count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     print(f"drawing the detections of {args.model} with score >= {args.score_threshold:g} on {count} images of "

@@ -94,3 +94,13 @@ def report(problems: list[Problem], what: str) -> bool:
     errors = sum(problem.fatal for problem in problems)
     print(f"{what}: {errors} error(s), {len(problems) - errors} warning(s)")
     return errors == 0
+
+
+def check_data(coco: tuple[str, list[str]] | None = None, csv_files: list[str] = (), class_list: str | None = None,
+               workers: int = 4) -> bool:
+    """Every problem of the sets a run would read: COCO sets (root, set names) or CSV files with their class list.
+    Prints them, with a summary line per set; True if training can start."""
+    if coco is not None:
+        root, set_names = coco
+        return all([report(check_coco(root, name, workers), f"COCO set {name}") for name in set_names])
+    return all([report(check_csv(path, class_list, workers), path) for path in csv_files])

@@ -115,7 +115,8 @@ def legacy_settings(checkpoint: dict) -> dict:
     (0.1, 0.1, 0.2, 0.2) coding and an L1 loss (β = 0) for converted torchvision weights (std 1, 1, 1, 1)."""
     settings = checkpoint["model_settings"]
     args = checkpoint.get("args", {})
-    legacy = {name: args[name] for name in ("min_size", "max_size", "box_loss", "loss_normalizer") if name in args}
+    legacy = {name: args[name] for name in ("min_size", "max_size", "box_loss", "loss_normalizer")
+              if name not in settings and args.get(name) is not None}
     if "smooth_l1_beta" not in settings:
         yhenon_std = tuple(settings.get("box_coder_std", ())) == BOX_CODINGS["yhenon"][0]
         legacy["smooth_l1_beta"] = BOX_CODINGS["yhenon" if yhenon_std else "torchvision"][1]
@@ -163,6 +164,28 @@ def model_from_checkpoint(checkpoint: dict, num_classes: int | None = None, **ch
     else:
         model.load_state_dict(state_dict)
     return model
+
+
+def resumed_settings(checkpoint: dict, path: str, requested: dict, num_classes: int) -> ModelSettings:
+    """The settings of a run resumed from `checkpoint` (read from `path`): the checkpoint's own. The class count of
+    the data and the settings in `requested` (those a user asked for) must be the same: a ValueError says what
+    differs, and how to go on."""
+    settings = checkpoint_settings(checkpoint)
+    depth = requested.get("depth", settings.depth)
+    if (depth, num_classes) != (settings.depth, settings.num_classes):
+        raise ValueError(
+            f"{path}: holds a ResNet-{settings.depth} RetinaNet for {settings.num_classes} classes, but this run "
+            f"builds a ResNet-{depth} for {num_classes} classes. Resume with the run's own --depth and data, or "
+            f"start from it with --fine_tune to train it on other classes."
+        )
+    differences = [f"{name} {getattr(settings, name)} (asked for: {value})" for name, value in requested.items()
+                   if getattr(settings, name) != value]
+    if differences:
+        raise ValueError(
+            f"{path}: the run was trained with {'; '.join(differences)}. A resumed run keeps the settings of its "
+            f"model: leave those flags out, or start a new run from this checkpoint with --fine_tune."
+        )
+    return settings
 
 
 class LoadedModel(NamedTuple):

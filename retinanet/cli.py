@@ -13,10 +13,15 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of every script that runs a trained model: the checkpoint, image size, batching and device."""
     parser.add_argument("--model", required=True, metavar="CHECKPOINT", help="checkpoint written by train.py, or a bare state dict")
     parser.add_argument("--batch_size", type=int, default=8, help="images per inference batch (default 8)")
-    parser.add_argument("--min_size", type=int, help="shorter image side after resizing (default: as in training; 800 for a bare state dict)")
-    parser.add_argument("--max_size", type=int, help="longest image side after resizing (default: as in training; 1333 for a bare state dict)")
+    parser.add_argument("--min_size", type=int, help="shorter image side after resizing (default: as in training; 608 for a bare state dict, as yhenon's)")
+    parser.add_argument("--max_size", type=int, help="longest image side after resizing (default: as in training; 1024 for a bare state dict, as yhenon's)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--workers", type=int, default=0, help="image loading processes (default 0: load in this process)")
+
+
+def inference_options(args: argparse.Namespace) -> dict:
+    """The values of add_inference_arguments' flags but --model, as keyword arguments of predict_with_checkpoint."""
+    return {name: getattr(args, name) for name in ("device", "min_size", "max_size", "batch_size", "workers")}
 
 
 def run_script(

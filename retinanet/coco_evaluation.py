@@ -11,13 +11,12 @@ from collections.abc import Sequence
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from torch import nn
-
 from .dataloader import CocoDataset
 from .files import write_text_atomically
-from .predict import predict_dataset
 
-MAX_DETECTIONS_PER_IMAGE = 100  # COCOeval's largest maxDets: it never scores more per image
+# COCO's detection rules allow at most 100 detections per image. (COCOeval itself keeps its largest maxDets, 100,
+# per image and category, so more per image would be scored: the cap makes results comparable to published ones.)
+MAX_DETECTIONS_PER_IMAGE = 100
 # The 12 numbers of COCOeval.summarize(), in order (AR@k: recall with at most k detections per image)
 STAT_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
               "AR@1", "AR@10", "AR@100", "AR_small", "AR_medium", "AR_large")
@@ -69,16 +68,13 @@ def results_path(output_dir: str, set_name: str | None) -> str:
 
 
 def evaluate_coco(
-    model: nn.Module,
+    predictions: list[dict[str, np.ndarray]],
     dataset: CocoDataset,
-    batch_size: int = 8,
     output_dir: str = ".",
     set_name: str | None = None,
-    workers: int = 0,
 ) -> list[float]:
-    """Detect on every image of `dataset`, write the detections to results_path(output_dir, set_name), run
+    """Score predict_dataset's predictions on `dataset`: write them to results_path(output_dir, set_name), run
     COCOeval and return its 12 stats (stats[0] is AP@[.5:.95])."""
-    predictions = predict_dataset(model, dataset, batch_size=batch_size, workers=workers)
     results = coco_results(predictions, dataset)
     os.makedirs(output_dir, exist_ok=True)
     path = results_path(output_dir, set_name)

@@ -4,15 +4,20 @@ passes both through the transforms of §4.1 (retinanet.transforms). Batches hold
 (landscape or portrait), as in detectron2's aspect ratio grouping, so that little of a padded batch is padding.
 
 An item of every dataset is a dict:
-    image:         (3, H, W) float32, RGB, resized, maybe flipped, normalised with the ImageNet mean and std
+    image:         (3, H, W) uint8, RGB, resized, maybe flipped (the model normalises it)
     annotations:   (N, 5) float32 rows x1, y1, x2, y2 (pixels of the resized image), class index 0..K-1
     scale:         resized size / original size; boxes / scale are in the original image's pixels
     index:         the dataset index
     original_size: (height, width) of the image file
 
+The training sampler asks for items by (index, seed): the item's random transforms then draw from a generator
+seeded with it, so that an item is the same whichever worker process loads it, and a resumed run sees the same
+flips and sizes as an uninterrupted one.
+
 Legend for shapes: B batch, N boxes, H, W image size.
 """
 
+import contextlib
 import itertools
 import math
 import os
@@ -25,7 +30,7 @@ from torch.utils.data import Dataset, Sampler
 
 from .annotations import MAX_LISTED, clip_annotations, load_coco, read_class_list, read_csv_annotations
 from .images import read_image_size, read_rgb_image
-from .transforms import DetectionTransform, Transform
+from .transforms import MEAN_COLOUR, DetectionTransform, Transform
 
 PADDING_ROW = -1.0  # value of the annotation rows that collate adds; the loss skips rows with class < 0
 
@@ -79,15 +84,19 @@ class DetectionDataset(Dataset):
         width, height = read_image_size(self.image_paths[index])
         return width / height
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """The item of an index, or of (index, seed) with its random transforms seeded (see the module docstring)."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
         path = self.image_paths[index]
-        image = read_rgb_image(path).float() / 255.0  # (3, H, W) in [0, 1]
+        image = read_rgb_image(path)  # (3, H, W) uint8
         height, width = image.shape[1:]
         annotations = clip_annotations(self.annotations[index], height, width, path)  # (N, 5)
-        image, boxes, scale = self.transform(image, torch.from_numpy(annotations[:, :4]))
-        if boxes.shape != (len(annotations), 4):
-            raise ValueError(f"{path}: transform returned boxes of shape {tuple(boxes.shape)} for "
-                             f"{len(annotations)} boxes; a transform must keep every box, in order")
+        with seeded_random(seed):
+            image, boxes, scale = self.transform(image, torch.from_numpy(annotations[:, :4]))
+        if boxes.shape != (len(annotations), 4) or image.dtype != torch.uint8:
+            raise ValueError(f"{path}: transform returned a {image.dtype} image and boxes of shape "
+                             f"{tuple(boxes.shape)} for {len(annotations)} boxes; a transform must return a uint8 "
+                             f"image and keep every box, in order")
         labels = torch.from_numpy(annotations[:, 4:])  # (N, 1)
         return {
             "image": image,
@@ -96,6 +105,22 @@ class DetectionDataset(Dataset):
             "index": index,
             "original_size": (height, width),
         }
+
+
+@contextlib.contextmanager
+def seeded_random(seed: int | None) -> Iterator[None]:
+    """Inside, torch's random numbers come from `seed` (if not None); outside, they continue as before."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of an item's random transforms in an epoch of a run: a function of the three alone."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
 class CSVDataset(DetectionDataset):
@@ -174,11 +199,13 @@ class CocoDataset(DetectionDataset):
 
 
 def collate(batch: list[dict], size_divisible: int = 32) -> dict:
-    """Stack dataset items into a batch: images zero-padded at the bottom and right to a common size, annotations
+    """Stack dataset items into a batch: uint8 images padded at the bottom and right to a common size with the mean
+    colour, which the model's normalisation takes to about 0 (as padding after normalising would be), annotations
     padded with rows of -1 to the largest box count.
 
-    Returns {"images": (B, 3, Hp, Wp), "annotations": (B, Nmax, 5), "scales": (B,), "indices": list of B ints,
-    "original_sizes": list of B (height, width)}.
+    Returns {"images": (B, 3, Hp, Wp) uint8, "annotations": (B, Nmax, 5), "scales": (B,), "image_sizes": (B, 2) height
+    and width of each image inside the padded batch, "indices": list of B ints, "original_sizes": list of B
+    (height, width) of the image files}.
     """
     if not batch:
         raise ValueError("collate got an empty batch")
@@ -187,7 +214,8 @@ def collate(batch: list[dict], size_divisible: int = 32) -> dict:
     padded_height = math.ceil(max(item["image"].shape[1] for item in batch) / size_divisible) * size_divisible
     padded_width = math.ceil(max(item["image"].shape[2] for item in batch) / size_divisible) * size_divisible
     max_boxes = max(item["annotations"].shape[0] for item in batch)
-    images = torch.zeros(len(batch), 3, padded_height, padded_width)  # (B, 3, Hp, Wp)
+    images = torch.tensor(MEAN_COLOUR, dtype=torch.uint8).view(1, 3, 1, 1).repeat(
+        len(batch), 1, padded_height, padded_width)  # (B, 3, Hp, Wp)
     annotations = torch.full((len(batch), max_boxes, 5), PADDING_ROW)  # (B, Nmax, 5)
     for i, item in enumerate(batch):
         _, height, width = item["image"].shape
@@ -197,6 +225,7 @@ def collate(batch: list[dict], size_divisible: int = 32) -> dict:
         "images": images,
         "annotations": annotations,
         "scales": torch.tensor([item["scale"] for item in batch], dtype=torch.float32),  # (B,)
+        "image_sizes": torch.tensor([item["image"].shape[1:] for item in batch]),  # (B, 2): each (H, W) unpadded
         "indices": [item["index"] for item in batch],
         "original_sizes": [item["original_size"] for item in batch],
     }
@@ -212,6 +241,8 @@ class AspectRatioBatchSampler(Sampler[list[int]]):
     of batches is padded by repeating batches from its start (as DistributedSampler repeats indices) so that
     every rank yields the same number of batches: a rank with fewer batches would leave the others waiting in
     their gradient all-reduce.
+
+    With seed_items, each batch holds (index, item_seed) pairs, for DetectionDataset's seeded transforms.
     """
 
     def __init__(
@@ -223,6 +254,7 @@ class AspectRatioBatchSampler(Sampler[list[int]]):
         num_replicas: int = 1,
         rank: int = 0,
         seed: int = 0,
+        seed_items: bool = False,
     ):
         super().__init__()
         if len(aspect_ratios) == 0:
@@ -239,11 +271,15 @@ class AspectRatioBatchSampler(Sampler[list[int]]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.seed = seed
+        self.seed_items = seed_items
         self.epoch = 0
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Shuffle with seed + epoch from now on; call it at the start of every epoch."""
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Shuffle with seed + epoch from now on, beginning at this rank's batch `start` of the epoch (a resumed
+        run skips those it has trained on); call it at the start of every epoch."""
         self.epoch = epoch
+        self.start = start
 
     def _grouped_batches(self) -> list[list[int]]:
         """All batches of the epoch, over all ranks."""
@@ -264,11 +300,12 @@ class AspectRatioBatchSampler(Sampler[list[int]]):
             batches += [bucket for bucket in buckets if bucket]
         return batches
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[int]] | Iterator[list[tuple[int, int]]]:
         batches = self._grouped_batches()
         total = len(self) * self.num_replicas  # drop_last cuts the tail, otherwise repeat from the start
-        batches = list(itertools.islice(itertools.cycle(batches), total))
-        return iter(batches[self.rank :: self.num_replicas])
+        batches = list(itertools.islice(itertools.cycle(batches), total))[self.rank :: self.num_replicas]
+        for batch in batches[self.start :]:
+            yield [(index, item_seed(self.seed, self.epoch, index)) for index in batch] if self.seed_items else batch
 
     def __len__(self) -> int:
         """The number of batches this rank yields per epoch."""

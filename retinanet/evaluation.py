@@ -20,11 +20,10 @@ import pandas as pd
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from torch import nn
 from torchvision.ops import box_iou
 
+from .annotations import clip_to_image
 from .dataloader import DetectionDataset
-from .predict import predict_dataset
 
 # [image][class] -> array: detections (n, 5) x1, y1, x2, y2, score, or annotations (m, 4) x1, y1, x2, y2
 PerImagePerClass = list[list[np.ndarray]]
@@ -247,25 +246,24 @@ def save_pr_curves(
 
 
 def evaluate(
-    model: nn.Module,
+    predictions: list[dict[str, np.ndarray]],
     dataset: DetectionDataset,
     iou_threshold: float = 0.5,
     score_threshold: float = 0.05,
-    batch_size: int = 8,
     use_07_metric: bool = False,
     pr_curves_dir: str | None = None,
-    workers: int = 0,
 ) -> dict:
-    """Detect on every image of `dataset`, print per-class AP, precision and recall and the mAP, and save
-    precision-recall plots into pr_curves_dir if given. AP counts every detection the model returns (its own
-    §4 threshold of 0.05 applies); score_threshold only sets where precision and recall are read.
+    """Score predict_dataset's predictions on `dataset`: print per-class AP, precision and recall and the mAP, and
+    save precision-recall plots into pr_curves_dir if given. AP counts every detection the model returns (its own
+    §4.1 threshold of 0.05 applies); score_threshold only sets where precision and recall are read. The ground
+    truth is clipped to each image as the predictions are, boxes left without area dropped (as in training).
 
     Returns {"mAP": float (NaN if no class has annotations), "per_class": DataFrame as class_metrics}.
     """
-    predictions = predict_dataset(model, dataset, batch_size=batch_size, workers=workers)
     num_classes = dataset.num_classes
     detections = [detections_per_class(prediction, num_classes) for prediction in predictions]
-    annotations = [annotations_per_class(dataset.load_annotations(i), num_classes) for i in range(len(dataset))]
+    annotations = [annotations_per_class(clipped_ground_truth(dataset, i, prediction["image_size"]), num_classes)
+                   for i, prediction in enumerate(predictions)]
     curves = precision_recall_curves(detections, annotations, iou_threshold)
     table = metrics_table(curves, score_threshold, dataset.class_names, use_07_metric)
     mean_ap = mean_average_precision(_average_precisions_of(curves, use_07_metric))
@@ -279,3 +277,9 @@ def evaluate(
         paths = save_pr_curves(curves, dataset.class_names, pr_curves_dir, score_threshold, use_07_metric)
         print(f"saved {len(paths)} precision-recall curves to {os.path.abspath(pr_curves_dir)}")
     return {"mAP": mean_ap, "per_class": table}
+
+
+def clipped_ground_truth(dataset: DetectionDataset, index: int, image_size: tuple[int, int]) -> np.ndarray:
+    """(N, 5) annotations of an image clipped to its (height, width), without the boxes that lose all area."""
+    clipped, keep = clip_to_image(dataset.load_annotations(index), *image_size)
+    return clipped[keep]

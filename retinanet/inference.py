@@ -42,7 +42,8 @@ def clip_to_images(boxes: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tens
     return torch.stack([xs[..., 0], ys[..., 0], xs[..., 1], ys[..., 1]], dim=-1)  # (B, C, 4)
 
 
-def nms_within_groups(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, threshold: float) -> torch.Tensor:
+def nms_within_groups(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
+                      threshold: float) -> torch.Tensor:
     """Indices of the (D, 4) boxes that NMS keeps, by decreasing score, where boxes of different groups (one per
     image and class) never suppress each other: each group is moved to a region of the plane of its own, as
     torchvision's batched_nms does for classes, and one NMS call does all groups. In float64, so that the shift
@@ -87,7 +88,7 @@ def detect(
     boxes = clip_to_images(boxes, image_sizes)
     has_area = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])  # (B, C)
     image_index, candidate = ((scores > settings.score_threshold) & has_area).nonzero(as_tuple=True)  # (D,) each
-    boxes, scores, labels = boxes[image_index, candidate], scores[image_index, candidate], labels[image_index, candidate]
+    boxes, scores, labels = (values[image_index, candidate] for values in (boxes, scores, labels))  # (D, ...)
     groups = image_index * cls_logits.shape[-1] + labels  # (D,): one group per image and class
     kept = nms_within_groups(boxes, scores, groups, settings.nms_threshold)  # by decreasing score
     return split_into_images(boxes[kept], scores[kept], labels[kept], image_index[kept], cls_logits.shape[0],

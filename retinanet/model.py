@@ -22,6 +22,7 @@ from .anchors import Anchors
 from .inference import detect
 from .losses import RetinaNetLoss
 from .settings import ModelSettings
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 # depth -> (residual block, blocks per stage), He et al. 2016, Table 1
 RESNET_LAYOUTS = {
@@ -183,8 +184,9 @@ class RetinaNet(nn.Module):
     shared by all levels, and the anchors they are relative to. Built from its ModelSettings, which also build
     its loss (losses.py) and its inference (inference.py), so that training and inference agree by construction.
 
-    - `model(images, annotations)` with (B, 3, H, W) images and (B, G, 5) annotations (x1, y1, x2, y2, class;
-      padding rows -1) returns (classification_loss, regression_loss).
+    - `model(images, annotations)` with (B, 3, H, W) RGB images (uint8, or float in 0..1; the model normalises
+      them) and (B, G, 5) annotations (x1, y1, x2, y2, class; padding rows -1) returns (classification_loss,
+      regression_loss).
     - `model(images, image_sizes=sizes)` returns B dicts {"boxes": (D, 4) x1y1x2y2 in input pixels, "scores": (D,),
       "labels": (D,)}; `image_sizes` (B, 2) holds each image's (height, width) inside the padded batch, and boxes
       are clipped to it (default: the whole padded size).
@@ -200,6 +202,9 @@ class RetinaNet(nn.Module):
         self.box_subnet = RegressionModel(FPN_CHANNELS, settings.num_anchors)
         self.anchors = Anchors(settings.anchor_sizes, settings.anchor_scales, settings.anchor_ratios,
                                settings.anchor_centre_offset, settings.integer_anchors)
+        # The ImageNet statistics the backbone's pretrained weights expect, on the model's device (not saved).
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
         self.loss = RetinaNetLoss(settings)
         if settings.freeze_bn:
             freeze_batchnorm(self)
@@ -221,8 +226,9 @@ class RetinaNet(nn.Module):
         return self
 
     def network_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The network of Figure 3 on (B, 3, H, W) images: (B, R, K) class logits and (B, R, 4) box deltas, in
-        the anchors' order. What ONNX export exports."""
+        """The network of Figure 3 on (B, 3, H, W) RGB images (uint8, or float in 0..1): (B, R, K) class logits and
+        (B, R, 4) box deltas, in the anchors' order. What ONNX export exports."""
+        images = normalize(images, self.pixel_mean, self.pixel_std)
         features = self.fpn(*self.backbone(images))  # [P3, ..., P7], each (B, C, H_l, W_l)
         cls_logits = torch.cat([self.classification_subnet(level) for level in features], dim=1)  # (B, R, K)
         box_deltas = torch.cat([self.box_subnet(level) for level in features], dim=1)  # (B, R, 4)
@@ -326,13 +332,20 @@ def build_retinanet(
     True (torchvision's ImageNet weights) or a path to such a file. By default, starting from pretrained weights
     freezes BatchNorm and the stem + layer1 (freeze_at=2, see freeze_backbone); from scratch everything trains."""
     started_trained = pretrained is not False
-    model = RetinaNet(ModelSettings(
+    return pretrained_retinanet(ModelSettings(
         num_classes=num_classes, depth=depth, **settings,
         freeze_bn=started_trained if freeze_bn is None else freeze_bn,  # needs trained statistics: freeze_batchnorm
         freeze_at=(PRETRAINED_FREEZE_AT if started_trained else 0) if freeze_at is None else freeze_at,
-    ))
-    if started_trained:
-        load_backbone_weights(model.backbone, imagenet_state_dict(depth, pretrained))
+    ), pretrained)
+
+
+def pretrained_retinanet(settings: ModelSettings, pretrained: bool | str | os.PathLike) -> RetinaNet:
+    """A RetinaNet of `settings` whose backbone starts from ImageNet weights (`pretrained` True: torchvision's, or a
+    path to such a file) or from scratch (False). §4.1 "Initialization": "We experiment with ResNet-50-FPN and
+    ResNet-101-FPN backbones [...] The base ResNet-50 and ResNet-101 models are pre-trained on ImageNet1k"."""
+    model = RetinaNet(settings)
+    if pretrained is not False:
+        load_backbone_weights(model.backbone, imagenet_state_dict(settings.depth, pretrained))
     return model
 
 

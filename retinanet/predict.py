@@ -1,6 +1,7 @@
-"""Batched inference over a dataset. The paper's §4 "Inference" post-processing (the top 1k candidates per level
+"""Batched inference over a dataset. The paper's §4.1 "Inference" post-processing (the top 1k candidates per level
 above 0.05, merged across levels, NMS at 0.5) happens in the model; this maps its detections from the resized,
-padded input back to the pixels of the original image files, where the annotations live.
+padded input back to the pixels of the original image files, where the annotations live. Under distributed
+training, each process predicts its share of the images and the first gathers them all.
 
 Legend for shapes: B batch, D detections of one image.
 """
@@ -9,6 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.ops import clip_boxes_to_image
@@ -16,22 +18,21 @@ from tqdm import tqdm
 
 from .dataloader import AspectRatioBatchSampler, DetectionDataset, collate
 from .runtime import resolve_device
-from .transforms import DetectionTransform, build_transform
-
-DEFAULT_IMAGE_SIZE = (800, 1333)  # (min_size, max_size) for a model that does not say what it was trained at
-
+from .transforms import build_transform
 
 def to_original_pixels(
     detection: dict[str, torch.Tensor], scale: float, original_size: tuple[int, int]
 ) -> dict[str, np.ndarray]:
     """One image's detections in the pixels of its image file: boxes divided by the resize scale and clipped to
-    the original (height, width). Returns numpy arrays boxes (D, 4), scores (D,), labels (D,)."""
+    the original (height, width). Returns numpy arrays boxes (D, 4), scores (D,), labels (D,), and the
+    image_size (height, width) of the file."""
     boxes = detection["boxes"].detach().float().cpu() / scale  # (D, 4)
     boxes = clip_boxes_to_image(boxes, tuple(original_size))
     return {
         "boxes": boxes.numpy(),
         "scores": detection["scores"].detach().float().cpu().numpy(),
         "labels": detection["labels"].detach().cpu().long().numpy(),
+        "image_size": tuple(original_size),
     }
 
 
@@ -41,13 +42,16 @@ def predict_dataset(
     batch_size: int = 8,
     workers: int = 0,
     device: str | torch.device | None = None,
-) -> list[dict[str, np.ndarray]]:
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[dict[str, np.ndarray] | None]:
     """Detect objects in every image of `dataset` with `model` (in eval mode), `batch_size` images at a time.
 
     Batches hold images of one orientation (landscape or portrait), so that little of a padded batch is padding;
     the result is in dataset order all the same. `device` defaults to the device of the model's parameters.
     Returns, per dataset index, {"boxes": (D, 4) x1, y1, x2, y2 in original image pixels, "scores": (D,),
-    "labels": (D,) class index}.
+    "labels": (D,) class index, "image_size": (height, width)}. With world_size > 1, this process (`rank`)
+    detects on its share of the batches only, and the other entries are None: see gather_predictions.
     """
     if model.training:
         raise ValueError("predict_dataset needs the model in eval mode: call model.eval() first")
@@ -55,19 +59,33 @@ def predict_dataset(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     aspect_ratios = [dataset.aspect_ratio(index) for index in range(len(dataset))]
-    batches = AspectRatioBatchSampler(aspect_ratios, batch_size, shuffle=False)
+    batches = AspectRatioBatchSampler(aspect_ratios, batch_size, shuffle=False, num_replicas=world_size, rank=rank)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                         pin_memory=device.type == "cuda")
     predictions: list[dict[str, np.ndarray] | None] = [None] * len(dataset)
-    with torch.inference_mode(), tqdm(total=len(dataset), desc="detecting", unit="image") as progress:
+    progress = tqdm(total=len(dataset), desc="detecting", unit="image", disable=rank != 0)
+    with torch.inference_mode(), progress:
         for batch in loader:
-            detections = model(batch["images"].to(device, non_blocking=True))  # B dicts, boxes in input pixels
+            images = batch["images"].to(device, non_blocking=True)
+            detections = model(images, image_sizes=batch["image_sizes"])  # B dicts, boxes in input pixels
             for detection, scale, index, original_size in zip(
                 detections, batch["scales"].tolist(), batch["indices"], batch["original_sizes"]
             ):
                 predictions[index] = to_original_pixels(detection, scale, original_size)
-            progress.update(len(batch["indices"]))
+            progress.update(len(batch["indices"]) * world_size)
     return predictions
+
+
+def gather_predictions(predictions: list[dict | None], rank: int, world_size: int) -> list[dict] | None:
+    """Every process's predictions (from predict_dataset with that rank), merged into one list on rank 0; None on
+    the other ranks. Every process must call it."""
+    if world_size == 1:
+        return predictions
+    gathered = [None] * world_size if rank == 0 else None
+    dist.gather_object(predictions, gathered, dst=0)
+    if rank != 0:
+        return None
+    return [next(shard[index] for shard in gathered if shard[index] is not None) for index in range(len(predictions))]
 
 
 def check_class_names(model_class_names: list[str], dataset_class_names: list[str]) -> None:
@@ -85,24 +103,42 @@ def check_class_names(model_class_names: list[str], dataset_class_names: list[st
 
 
 class Inference(NamedTuple):
-    """What running a trained model needs: the model in eval mode, its class names, its device, and the
-    evaluation transform (resize as in training, then normalise)."""
+    """What running a trained model needs: the model in eval mode, its class names and its device."""
 
     model: nn.Module
     class_names: list[str]
     device: torch.device
-    transform: DetectionTransform
 
 
 def load_for_inference(
-    model_path: str, device: str | None = None, min_size: int | None = None, max_size: int | None = None
+    model_path: str,
+    dataset: DetectionDataset,
+    device: str | None = None,
+    min_size: int | None = None,
+    max_size: int | None = None,
 ) -> Inference:
     """The model of the checkpoint at `model_path` on `device` (a name as for resolve_device; None: CUDA when
-    available), with the images resized as in training unless min_size or max_size say otherwise."""
+    available), ready to run on `dataset`: the dataset's images are resized as in training unless min_size or
+    max_size say otherwise, and its classes must be the model's (a dataset without any, a folder of images, takes
+    the model's)."""
     from .checkpoint import load_model  # the model code only here: the metrics need none
 
     device = resolve_device(device)
-    model, class_names, trained_size = load_model(model_path, device)
-    trained_min_size, trained_max_size = trained_size or DEFAULT_IMAGE_SIZE
-    transform = build_transform(False, min_size or trained_min_size, max_size or trained_max_size)
-    return Inference(model, class_names, device, transform)
+    model, class_names = load_model(model_path, device)
+    if dataset.class_names:
+        check_class_names(class_names, dataset.class_names)
+    else:
+        dataset.class_names = class_names
+    dataset.transform = build_transform(False, min_size or model.settings.min_size, max_size or model.settings.max_size)
+    return Inference(model, class_names, device)
+
+
+def predict_with_checkpoint(model_path: str, dataset: DetectionDataset, source: str, device: str | None = None,
+                            min_size: int | None = None, max_size: int | None = None, batch_size: int = 8,
+                            workers: int = 0) -> list[dict[str, np.ndarray]]:
+    """predict_dataset with the model of a checkpoint, loaded for `dataset` as load_for_inference does, saying
+    what runs on what (`source` names the dataset)."""
+    model, _, device = load_for_inference(model_path, dataset, device, min_size, max_size)
+    print(f"detecting with {model_path} on {len(dataset)} images of {source} ({dataset.num_classes} classes) "
+          f"on {device}")
+    return predict_dataset(model, dataset, batch_size=batch_size, workers=workers)

@@ -1,13 +1,20 @@
 """Where a run executes and how it ends: the device, the processes of distributed training (paper §4.1
-"Optimization": "synchronized SGD over 8 GPUs"), mixed precision, a clean stop on Ctrl-C or SIGTERM, and the
-messages of errors a user can fix."""
+"Optimization": "synchronized SGD over 8 GPUs"), mixed precision, data loading processes, the random state a
+resumed run continues from, a clean stop on Ctrl-C or SIGTERM, and the messages of errors a user can fix."""
 
 import contextlib
+import datetime
 import os
+import random
 import signal
 
+import numpy as np
 import torch
 import torch.distributed as dist
+
+# How long a process waits for the others in a collective operation: NCCL's default of 10 minutes is shorter than
+# some things one process does alone (the first writing a checkpoint to slow storage, scoring COCO).
+DISTRIBUTED_TIMEOUT = datetime.timedelta(minutes=60)
 
 
 def resolve_device(name: str | None = None) -> torch.device:
@@ -34,7 +41,7 @@ def setup_distributed(device_name: str | None = None) -> tuple[torch.device, int
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DISTRIBUTED_TIMEOUT)
     return device, rank, world_size
 
 
@@ -94,3 +101,31 @@ def error_message(error: Exception) -> str:
     if "DataLoader worker" in message:
         message = message.rstrip().splitlines()[-1].removeprefix(f"{type(error).__name__}: ")
     return message
+
+
+def default_workers(max_workers: int = 8) -> int:
+    """Data loading processes for each training process: the CPU cores this machine gives it, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(max_workers, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def random_state() -> dict:
+    """The state of every random number generator of this process (torch's, CUDA's, numpy's and Python's), as
+    tensors and plain values that a checkpoint can hold."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "numpy": [name, keys.tolist(), position, has_gauss, cached_gaussian],
+        "python": random.getstate(),
+    }
+
+
+def restore_random_state(state: dict) -> None:
+    """Put every random number generator back in the state random_state() returned."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
+    random.setstate(state["python"])

@@ -30,7 +30,7 @@ class ModelSettings:
     """Everything that decides what a RetinaNet computes, with the paper's values as defaults."""
 
     num_classes: int  # K
-    depth: int = 50  # ResNet depth; §5.1 "We use ResNet-50-FPN [...] for all ablation studies"
+    depth: int = 50  # ResNet depth; §4.1 "Initialization": ResNet-50 or -101, §5.1's ablations use ResNet-50
     p6_from: str = "c5"  # footnote 2: "P6 is obtained via a 3×3 stride-2 conv on C5"; torchvision (v1): "p5"
 
     # §4 "Anchors"; anchor_sizes holds one base size per level P3..P7, the side of its scale-1 square anchor
@@ -43,17 +43,18 @@ class ModelSettings:
     prior: float = 0.01  # §4.1 "Initialization": π = 0.01, the bias b = -log((1 - π)/π) of §3.3
 
     # §4 "Anchors": assignment of anchors to ground-truth boxes
-    fg_iou: float = 0.5  # "assigned to ground-truth object boxes using an intersection-over-union (IoU) threshold of 0.5"
+    fg_iou: float = 0.5  # "assigned to ground-truth object boxes using an [IoU] threshold of 0.5"
     bg_iou: float = 0.4  # "and to background if their IoU is in [0, 0.4)"
-    allow_low_quality_matches: bool = True  # each box keeps its best anchors, as detectron2 and torchvision (see losses)
+    allow_low_quality_matches: bool = True  # each box keeps its best anchors, as detectron2 and torchvision
 
     # §3.2, §4.1 "Focal Loss" and "Optimization"
-    alpha: float = 0.25  # Eq. 5; §5.1: "α = 0.25 works best" with γ = 2
-    gamma: float = 2.0  # Eq. 4; §5.1: "γ = 2 works well in practice"
+    alpha: float = 0.25  # Eq. 5; §5.1 "Focal Loss", Table 1b: α = 0.25 with γ = 2 works best
+    gamma: float = 2.0  # Eq. 4; §5.1 "Focal Loss", Table 1b
     box_coder_std: tuple[float, ...] = BOX_CODINGS["detectron"][0]
     smooth_l1_beta: float = BOX_CODINGS["detectron"][1]
     box_loss: str = "smooth_l1"  # the paper's; "giou": generalized IoU on decoded boxes, as detectron2 offers
-    loss_normalizer: str = "batch"  # §4.1: "normalized by the number of anchors assigned to a ground-truth box"
+    # §4.1 "Focal Loss": "normalized by the number of anchors assigned to a ground-truth box"
+    loss_normalizer: str = "batch"
     loss_normalizer_momentum: float = 0.9  # "ema" normaliser: detectron2's moving average of that number
 
     # §4.1 "Inference"
@@ -99,7 +100,8 @@ def settings_problems(settings: ModelSettings) -> list[str]:
         (s.num_classes >= 1, f"num_classes must be at least 1, got {s.num_classes}"),
         (s.depth in RESNET_DEPTHS, f"depth must be one of {list(RESNET_DEPTHS)} (ResNet), got {s.depth}"),
         (s.p6_from in ("c5", "p5"), f'p6_from must be "c5" (the paper) or "p5" (torchvision), got {s.p6_from!r}'),
-        (len(s.anchor_sizes) == len(PYRAMID_LEVELS), f"anchor_sizes needs one size per level P3..P7, got {s.anchor_sizes}"),
+        (len(s.anchor_sizes) == len(PYRAMID_LEVELS),
+         f"anchor_sizes needs one size per level P3..P7, got {s.anchor_sizes}"),
         (all(value > 0 and math.isfinite(value) for value in s.anchor_sizes + s.anchor_scales + s.anchor_ratios)
          and s.anchor_scales and s.anchor_ratios, "anchor sizes, scales and ratios must be positive numbers"),
         (0 < s.bg_iou <= s.fg_iou <= 1, f"need 0 < bg_iou <= fg_iou <= 1, got {s.bg_iou} and {s.fg_iou}"),

@@ -177,3 +177,11 @@ def make_shapes_dataset(
     write_text_atomically(coco_file, _shapes_coco_json(image_rows, image_size))
     write_text_atomically(stamp_path, json.dumps(parameters))
     return paths
+
+
+def make_shapes_demo(root: str, num_train: int, num_val: int, seed: int = 0) -> tuple[str, str, str]:
+    """The demo's training and validation splits (seeds `seed` and `seed` + 1), written once: the paths of the
+    training CSV, the class list and the validation CSV."""
+    train = make_shapes_dataset(root, "train", num_train, seed=seed)
+    val = make_shapes_dataset(root, "val", num_val, seed=seed + 1)
+    return train["csv"], train["classes"], val["csv"]

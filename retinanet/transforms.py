@@ -1,8 +1,10 @@
-"""The transforms of paper §4.1 "Inference and Training": images are resized so that their shorter side is 800
-pixels, the image scale of the paper's main models (Detectron caps the longer side at 1333), and "We use horizontal
-image flipping as the only form of data augmentation unless otherwise noted" (§4.1 "Optimization"); optional scale
-jitter draws the shorter side per training image, as for the paper's final COCO models (§5.3, Table 2). Images are
-then normalised with the ImageNet mean and std that the pretrained backbone expects.
+"""The transforms of the images a RetinaNet trains and runs on: they are resized so that their shorter side is 800
+pixels, the image scale of the paper's main models ("RetinaNet-800", §5.2 "Speed versus Accuracy"; Detectron caps
+the longer side at 1333), and "We use horizontal image flipping as the only form of data augmentation unless
+otherwise noted" (§4.1 "Optimization"); optional scale jitter draws the shorter side per training image, as for
+the paper's final COCO models (§5.3, Table 2). Images stay uint8, a quarter of the bytes of float32 on their way
+to the device; the model normalises them there with the ImageNet mean and std that the pretrained backbone
+expects (`normalize`).
 
 Legend for shapes: N boxes, H, W image size.
 """
@@ -14,8 +16,9 @@ import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics torchvision's ImageNet backbones were trained with
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MEAN_COLOUR = tuple(round(255 * mean) for mean in IMAGENET_MEAN)  # (124, 116, 104), which normalize takes to ~0
 
-# (image (3, H, W) float in [0, 1], boxes (N, 4)) -> (image, boxes, scale); see DetectionTransform
+# (image (3, H, W) uint8, boxes (N, 4)) -> (image, boxes, scale); see DetectionTransform
 Transform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, float]]
 
 
@@ -78,36 +81,25 @@ class RandomHorizontalFlip:
         return image.flip(-1), flipped
 
 
-class Normalize:
-    """Subtract the per-channel mean and divide by the std (ImageNet's, which the pretrained backbone expects)."""
-
-    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        self.mean = tuple(mean)
-        self.std = tuple(std)
-
-    def __call__(self, image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = torch.tensor(self.mean, dtype=image.dtype).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=image.dtype).view(3, 1, 1)
-        return (image - mean) / std, boxes
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) RGB images, uint8 in 0..255 or float in 0..1, minus the per-channel mean and divided by the std,
+    each (3, 1, 1) in 0..1 units (the model's copies of IMAGENET_MEAN and IMAGENET_STD, on its device)."""
+    if images.dtype == torch.uint8:
+        images = images.float() / 255
+    return (images - mean) / std
 
 
 class DetectionTransform:
-    """The whole pipeline of one item: resize (if any), flip (if any), normalise.
+    """The whole pipeline of one item: resize (if any), then flip (if any).
 
-    Called on (image (3, H, W) float in [0, 1], boxes (N, 4)), returns (image, boxes, scale), where scale is the
-    resize factor (1.0 without a resize); the dataset reports it as item["scale"]. A custom `transform` given to a
-    dataset must follow the same contract and keep the boxes in number and order.
+    Called on (image (3, H, W) uint8, boxes (N, 4)), returns (image, boxes, scale), where scale is the resize factor
+    (1.0 without a resize); the dataset reports it as item["scale"]. A custom `transform` given to a dataset must
+    follow the same contract: a uint8 image, and the boxes kept in number and order.
     """
 
-    def __init__(
-        self,
-        resize: Resize | None = None,
-        flip: RandomHorizontalFlip | None = None,
-        normalize: Normalize | None = None,
-    ):
+    def __init__(self, resize: Resize | None = None, flip: RandomHorizontalFlip | None = None):
         self.resize = resize
         self.flip = flip
-        self.normalize = normalize or Normalize()
 
     def __call__(self, image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         scale = 1.0
@@ -115,15 +107,14 @@ class DetectionTransform:
             image, boxes, scale = self.resize(image, boxes)
         if self.flip is not None:
             image, boxes = self.flip(image, boxes)
-        image, boxes = self.normalize(image, boxes)
         return image, boxes, scale
 
 
 def build_transform(
     train: bool, min_size: int = 800, max_size: int = 1333, jitter: tuple[int, int] | None = None
 ) -> DetectionTransform:
-    """Training: resize (to min_size, or a shorter side drawn from the jitter range) + flip + normalise.
-    Evaluation: resize to min_size + normalise; jitter is a training setting and does not apply."""
+    """Training: resize (to min_size, or a shorter side drawn from the jitter range) + flip. Evaluation: resize to
+    min_size; jitter is a training setting and does not apply."""
     if train:
         return DetectionTransform(Resize(jitter or min_size, max_size), RandomHorizontalFlip(0.5))
     return DetectionTransform(Resize(min_size, max_size))

@@ -5,10 +5,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from retinanet.dataloader import AspectRatioBatchSampler, collate
+from retinanet.transforms import MEAN_COLOUR
 
 
 def item(height, width, boxes, index, scale=1.0):
-    return {"image": torch.rand(3, height, width), "annotations": torch.tensor(boxes, dtype=torch.float32).view(-1, 5),
+    return {"image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8), "annotations": torch.tensor(boxes, dtype=torch.float32).view(-1, 5),
             "scale": scale, "index": index, "original_size": (height * 2, width * 2)}
 
 
@@ -19,7 +20,9 @@ def test_collate_pads_images_to_multiples_of_32_and_annotations_with_minus_one()
     assert batch["images"].shape == (2, 3, 64, 96)  # max 64 x 70, 70 rounded up to 96
     torch.testing.assert_close(batch["images"][0, :, :50, :70], first["image"])
     torch.testing.assert_close(batch["images"][1, :, :, :33], second["image"])
-    assert batch["images"][0, :, 50:].abs().sum() == 0 and batch["images"][1, :, :, 33:].abs().sum() == 0
+    mean_colour = torch.tensor(MEAN_COLOUR, dtype=torch.uint8).view(3, 1, 1)  # normalised, about 0
+    assert (batch["images"][0, :, 50:] == mean_colour).all() and (batch["images"][1, :, :, 33:] == mean_colour).all()
+    assert batch["images"].dtype == torch.uint8 and batch["image_sizes"].tolist() == [[50, 70], [64, 33]]
     assert batch["annotations"].shape == (2, 2, 5)
     torch.testing.assert_close(batch["annotations"][0], first["annotations"])
     torch.testing.assert_close(batch["annotations"][1], torch.full((2, 5), -1.0))

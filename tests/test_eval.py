@@ -173,7 +173,7 @@ class FixedDetector(nn.Module):
         self.whole = whole
         self.batch_sizes = []
 
-    def forward(self, images):
+    def forward(self, images, image_sizes=None):
         self.batch_sizes.append(len(images))
         height, width = images.shape[-2:]
         box = [0.0, 0.0, float(width), float(height)] if self.whole else [8.0, 16.0, 1000.0, 24.0]
@@ -219,7 +219,8 @@ def test_evaluate_prints_the_table_and_saves_curves(tmp_path, capsys):
     rows = ["0.png,0,0,32,32,cat", "1.png,0,0,32,32,cat", "2.png,0,0,32,32,dog"]
     annotations, classes = write_csv_dataset(tmp_path, [(32, 32)] * 3, rows)
     dataset = CSVDataset(annotations, classes, build_transform(False, min_size=64, max_size=64))
-    result = evaluation.evaluate(FixedDetector(whole=True).eval(), dataset, pr_curves_dir=str(tmp_path / "curves"))
+    predictions = predict_dataset(FixedDetector(whole=True).eval(), dataset)
+    result = evaluation.evaluate(predictions, dataset, pr_curves_dir=str(tmp_path / "curves"))
     assert result["mAP"] == pytest.approx(0.5)
     table = result["per_class"]
     np.testing.assert_allclose(table["AP"], [1.0, 0.0])
@@ -320,8 +321,8 @@ def test_no_detections_give_zeros_without_crashing(coco_dataset, capsys):
 
 def test_evaluate_coco_writes_the_results_file(coco_dataset, tmp_path):
     coco_dataset.transform = build_transform(False, min_size=32, max_size=64)
-    stats = coco_evaluation.evaluate_coco(FixedDetector().eval(), coco_dataset, batch_size=2,
-                                          output_dir=str(tmp_path / "out"), set_name="val")
+    predictions = predict_dataset(FixedDetector().eval(), coco_dataset, batch_size=2)
+    stats = coco_evaluation.evaluate_coco(predictions, coco_dataset, output_dir=str(tmp_path / "out"), set_name="val")
     results = json.loads((tmp_path / "out" / "val_bbox_results.json").read_text())
     assert len(results) == 3 and {r["category_id"] for r in results} == {3}
     assert len(stats) == 12

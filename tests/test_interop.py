@@ -21,6 +21,7 @@ from retinanet.checkpoint import RENAMED_PREFIXES, load_model, read_checkpoint
 from retinanet.convert import coco_labels, convert_torchvision
 from retinanet.model import RetinaNet, resnet18
 from retinanet.settings import ModelSettings
+from retinanet.transforms import normalize
 
 TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
 
@@ -162,10 +163,12 @@ def test_a_dataparallel_state_dict_detects_as_yhenons_inference(tmp_path):
     model, class_names = load_model(str(path))
     assert class_names == ["0", "1", "2"]
     torch.manual_seed(1)
-    images = torch.randn(2, 3, 128, 160)  # multiples of 32, as yhenon's upsampling by 2 needs
+    # Multiples of 32, as yhenon's upsampling by 2 needs; such that normalised, as both models see them, they are
+    # standard normal.
+    images = torch.randn(2, 3, 128, 160) * model.pixel_std + model.pixel_mean
     with torch.no_grad():
         ours = model(images)
-        scores, deltas = yhenon_network(state, images, num_classes=3)
+        scores, deltas = yhenon_network(state, normalize(images, model.pixel_mean, model.pixel_std), num_classes=3)
     anchors = yhenon_anchors(128, 160)
     anchors_per_level = [len(level) for level in model.anchors.per_level(128, 160)]
     for i in range(len(images)):
@@ -220,10 +223,9 @@ def like_coco_v1(model: nn.Module, labels: list[int]) -> None:
 def test_torchvision_coco_weights_convert_and_detect_as_in_torchvision(tmp_path):
     torch.manual_seed(0)
     height, width = 128, 256  # multiples of 128: torchvision's strides (image size // grid size) are then 2^l
-    # image_mean 0, std 1 and sizes that give a resize factor of 1: torchvision's transform leaves images as given.
+    # Sizes that give a resize factor of 1: torchvision's transform only normalises, with ImageNet's mean and std.
     reference = torchvision.models.detection.retinanet_resnet50_fpn(
-        weights=None, weights_backbone=None, num_classes=91,
-        min_size=height, max_size=width, image_mean=(0.0, 0.0, 0.0), image_std=(1.0, 1.0, 1.0),
+        weights=None, weights_backbone=None, num_classes=91, min_size=height, max_size=width,
     ).eval()
     labels, names = coco_labels()
     like_coco_v1(reference, labels)
@@ -237,7 +239,7 @@ def test_torchvision_coco_weights_convert_and_detect_as_in_torchvision(tmp_path)
     current = convert_torchvision(reference.state_dict())["model"]
     assert all(torch.equal(tensor, current[key]) for key, tensor in model.state_dict().items())
 
-    images = torch.randn(2, 3, height, width)
+    images = torch.rand(2, 3, height, width)  # RGB in 0..1, as both models take them
     with torch.no_grad():
         theirs = reference(list(images))
         ours = model(images)

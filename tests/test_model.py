@@ -23,7 +23,7 @@ def test_prior_initialization_gives_probability_pi(small_model):
     torch.testing.assert_close(torch.sigmoid(bias), torch.full_like(bias, 0.01))
     model = resnet18(num_classes=2, prior=0.1)
     torch.testing.assert_close(torch.sigmoid(model.classification_subnet.output.bias), torch.full((18,), 0.1))
-    # With σ = 0.01 weights, every anchor starts out near π: the point of the prior (§3.3).
+    # With σ = 0.01 weights, every anchor starts out near π: the point of the prior (§3.3, §4.1).
     small_model.eval()
     with torch.no_grad():
         features = small_model.fpn(*small_model.backbone(torch.randn(1, 3, 64, 64)))

@@ -7,44 +7,52 @@ import torch
 
 import train
 from conftest import tiny_run_flags
-from retinanet.checkpoint import read_checkpoint
+from retinanet.checkpoint import read_checkpoint, save_checkpoint
 from retinanet.model import build_retinanet
+from retinanet.optimization import ADAMW_LR, build_optimizer, lr_factor
+from retinanet.settings import ModelSettings
+from retinanet.shapes import make_shapes_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_lr_schedule_warmup_steps_and_cosine():
-    args = train.parse_args(["--warmup_iters", "10", "--milestones", "60", "80"])
-    assert train.lr_factor(0, 90, args) == pytest.approx(0.1)  # (0 + 1) / 10
-    assert train.lr_factor(9, 90, args) == pytest.approx(1.0)
-    assert train.lr_factor(59, 90, args) == pytest.approx(1.0)
-    assert train.lr_factor(60, 90, args) == pytest.approx(0.1)
-    assert train.lr_factor(80, 90, args) == pytest.approx(0.01)
-    args = train.parse_args(["--warmup_iters", "0", "--lr_schedule", "cosine"])
-    assert train.lr_factor(45, 90, args) == pytest.approx(0.5)
+    steps = dict(warmup_iters=10, milestones=[60, 80])
+    assert lr_factor(0, 90, **steps) == pytest.approx(0.1)  # (0 + 1) / 10
+    assert lr_factor(9, 90, **steps) == pytest.approx(1.0)
+    assert lr_factor(59, 90, **steps) == pytest.approx(1.0)
+    assert lr_factor(60, 90, **steps) == pytest.approx(0.1)
+    assert lr_factor(80, 90, **steps) == pytest.approx(0.01)
+    assert lr_factor(45, 90, warmup_iters=0, schedule="cosine") == pytest.approx(0.5)
 
 
 def test_default_milestones_are_the_papers_60k_and_80k_of_90k():
-    args = train.parse_args(["--warmup_iters", "0"])
-    assert train.lr_factor(59_999, 90_000, args) == 1.0
-    assert train.lr_factor(60_000, 90_000, args) == pytest.approx(0.1)
-    assert train.lr_factor(80_000, 90_000, args) == pytest.approx(0.01)
+    assert lr_factor(59_999, 90_000) == 1.0
+    assert lr_factor(60_000, 90_000) == pytest.approx(0.1)
+    assert lr_factor(80_000, 90_000) == pytest.approx(0.01)
 
 
 def test_dataset_defaults_and_linear_lr_scaling():
     args = train.parse_args(["--dataset", "coco", "--coco_path", "x", "--batch_size", "8"])
-    assert (args.depth, args.optimizer, args.min_size, args.max_size, args.iters) == (50, "sgd", 800, 1333, 90_000)
-    model = torch.nn.Linear(2, 2)
-    train.build_optimizer(args, model, world_size=4)
-    assert args.lr == pytest.approx(0.02)  # 0.01 x (8 x 4) / 16
-    demo = train.parse_args([])
+    config = train.settle(args, world_size=4)
+    assert (config.depth, config.optimizer, config.min_size, config.max_size, config.iters) == (50, "sgd", 800, 1333, 90_000)
+    assert config.lr == pytest.approx(0.02)  # 0.01 x (8 x 4) / 16
+    assert args.lr is None and args.depth is None  # the flags as typed: settling writes nothing back
+    demo = train.settle(train.parse_args([]), world_size=1)
     assert (demo.dataset, demo.depth, demo.optimizer, demo.pretrained) == ("shapes", 18, "adamw", False)
 
 
+def test_a_typed_epochs_wins_over_the_datasets_default_iterations():
+    config = train.settle(train.parse_args(["--dataset", "coco", "--coco_path", "x", "--epochs", "1"]), 1)
+    assert (config.epochs, config.iters) == (1, None)
+    config = train.settle(train.parse_args(["--dataset", "coco", "--coco_path", "x", "--epochs", "1", "--iters", "7"]), 1)
+    assert config.iters == 7  # both typed: --iters wins, as --help says
+    assert train.settle(train.parse_args(["--dataset", "coco", "--coco_path", "x"]), 1).iters == 90_000
+
+
 def test_no_weight_decay_on_biases_and_batchnorm():
-    args = train.parse_args(["--optimizer", "sgd", "--lr", "0.1"])
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
-    decay, no_decay = train.build_optimizer(args, model, 1).param_groups
+    decay, no_decay = build_optimizer(model, "sgd", lr=0.1).param_groups
     assert decay["weight_decay"] == 1e-4 and [p.ndim for p in decay["params"]] == [4]
     assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3
 
@@ -75,7 +83,7 @@ def test_train_writes_a_checkpoint_and_resume_continues(tmp_path, capsys):
     resumed = read_checkpoint(str(tmp_path / "out" / "last.pt"))
     assert resumed["iteration"] == 5
     # lr after 5 scheduler steps with 3 warmup iterations and default milestones at 2/3 and 8/9 of 5: 3 and 4
-    assert resumed["optimizer"]["param_groups"][0]["lr"] == pytest.approx(train.ADAMW_LR * 0.1 * 0.1)
+    assert resumed["optimizer"]["param_groups"][0]["lr"] == pytest.approx(ADAMW_LR * 0.1 * 0.1)
 
 
 def test_fine_tune_to_a_different_class_count(tmp_path):
@@ -93,10 +101,10 @@ def test_fine_tune_to_a_different_class_count(tmp_path):
              "--workers", "0", "--eval_every", "0"]
     assert train.main(flags) == 0
     tuned = read_checkpoint(str(tmp_path / "tuned" / "last.pt"))
-    assert tuned["model"]["classificationModel.output.weight"].shape[0] == 9 * 2
+    assert tuned["model"]["classification_subnet.output.weight"].shape[0] == 9 * 2
     assert tuned["class_names"] == ["circle", "rectangle"]
     # Only the classification output was re-initialised: the rest started from the source.
-    assert tuned["model"]["fpn.P6.weight"].shape == source["model"]["fpn.P6.weight"].shape
+    assert tuned["model"]["fpn.p6.weight"].shape == source["model"]["fpn.p6.weight"].shape
 
 
 def test_bad_csv_ends_with_a_message_and_status_2(tmp_path):
@@ -117,8 +125,6 @@ def test_bad_csv_ends_with_a_message_and_status_2(tmp_path):
 def test_two_process_gloo_torchrun_smoke(tmp_path):
     flags = tiny_run_flags(tmp_path, "--iters", "2", "--device", "cpu")
     # Generate the data once before the two ranks start, so they do not race to write it.
-    from retinanet.shapes import make_shapes_dataset
-
     make_shapes_dataset(str(tmp_path / "shapes"), "train", 12, seed=0)
     make_shapes_dataset(str(tmp_path / "shapes"), "val", 4, seed=1)
     result = subprocess.run(
@@ -140,31 +146,38 @@ def test_the_demo_learns(tmp_path):
     assert read_checkpoint(str(tmp_path / "out" / "best.pt"))["best_map"] > 0.4
 
 
-def test_resume_rebuilds_a_pretrained_run_frozen_as_it_was_without_fetching_imagenet_weights(monkeypatch):
+def build_model(argv: list[str], num_classes: int):
+    """train.py's model for these flags, as its main builds it."""
+    args = train.parse_args(argv)
+    config = train.settle(args, world_size=1)
+    checkpoint = read_checkpoint(args.resume or args.fine_tune) if args.resume or args.fine_tune else None
+    settings = ModelSettings(**train.settle_recipe(args, config, checkpoint) | {"num_classes": num_classes})
+    return train.build_model(args, config, checkpoint, settings)
+
+
+def test_resume_rebuilds_a_pretrained_run_frozen_as_it_was_without_fetching_imagenet_weights(monkeypatch, tmp_path):
     def no_download(*args):
         raise AssertionError("resuming must not fetch ImageNet weights: the checkpoint replaces them")
 
     monkeypatch.setattr("retinanet.model.imagenet_state_dict", no_download)
-    args = train.parse_args(["--dataset", "csv", "--csv_train", "t.csv", "--csv_classes", "c.csv", "--depth", "18",
-                             "--resume", "output/last.pt"])
-    assert args.pretrained is True  # the CSV default
-    model = train.build_model(args, num_classes=3)
-    assert model.bn_frozen  # as the pretrained run it resumes
-    assert not model.layer1[0].conv1.weight.requires_grad and model.layer2[0].conv1.weight.requires_grad  # freeze_at 2
+    pretrained_run = build_retinanet(18, num_classes=3, freeze_bn=True, freeze_at=2)  # as one from ImageNet weights
+    save_checkpoint({"model": pretrained_run.state_dict(), "model_settings": pretrained_run.settings.as_dict()},
+                    str(tmp_path / "last.pt"))
+    model = build_model(["--dataset", "csv", "--csv_train", "t.csv", "--csv_classes", "c.csv", "--depth", "18",
+                         "--resume", str(tmp_path / "last.pt")], num_classes=3)  # the CSV default: pretrained
+    assert model.settings.freeze_bn  # as the pretrained run it resumes
+    assert not model.backbone.layer1[0].conv1.weight.requires_grad and model.backbone.layer2[0].conv1.weight.requires_grad
 
 
 def test_fine_tuning_freezes_batchnorm_and_the_first_stage_as_for_pretrained_weights(tmp_path):
     path = tmp_path / "source.pt"
     torch.save(build_retinanet(18, num_classes=5).state_dict(), path)
-    args = train.parse_args(["--dataset", "csv", "--csv_train", "t.csv", "--csv_classes", "c.csv",
-                             "--fine_tune", str(path)])
-    model = train.build_model(args, num_classes=2)
-    assert model.num_classes == 2 and model.bn_frozen
-    assert not model.conv1.weight.requires_grad and not model.layer1[1].conv2.weight.requires_grad
-    assert model.layer2[0].conv1.weight.requires_grad
-    args = train.parse_args(["--dataset", "csv", "--csv_train", "t.csv", "--csv_classes", "c.csv",
-                             "--fine_tune", str(path), "--freeze_at", "0"])
-    assert train.build_model(args, num_classes=2).conv1.weight.requires_grad
+    flags = ["--dataset", "csv", "--csv_train", "t.csv", "--csv_classes", "c.csv", "--fine_tune", str(path)]
+    model = build_model(flags, num_classes=2)
+    assert model.num_classes == 2 and model.settings.freeze_bn
+    assert not model.backbone.conv1.weight.requires_grad and not model.backbone.layer1[1].conv2.weight.requires_grad
+    assert model.backbone.layer2[0].conv1.weight.requires_grad
+    assert build_model(flags + ["--freeze_at", "0"], num_classes=2).backbone.conv1.weight.requires_grad
 
 
 def test_an_unusable_device_is_a_message_not_a_traceback(tmp_path):
@@ -172,3 +185,41 @@ def test_an_unusable_device_is_a_message_not_a_traceback(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "unknown device 'tpu9'; expected cpu, cuda or cuda:N" in result.stderr
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
+    # 4 iterations, 3 per epoch, with scale jitter and flips; the same lr schedule whatever the run's length.
+    schedule = ["--jitter", "64", "96", "--warmup_iters", "2", "--milestones", "3", "--loss_normalizer", "ema"]
+    assert train.main(tiny_run_flags(tmp_path / "straight", "--iters", "4", *schedule)) == 0
+    # Stopped at iteration 2, mid-epoch, then resumed with a data loading process instead of none.
+    assert train.main(tiny_run_flags(tmp_path / "stopped", "--iters", "2", *schedule)) == 0
+    last = str(tmp_path / "stopped" / "out" / "last.pt")
+    assert train.main(tiny_run_flags(tmp_path / "stopped", "--iters", "4", *schedule, "--resume", last,
+                                     "--workers", "1")) == 0
+    expected = read_checkpoint(str(tmp_path / "straight" / "out" / "last.pt"))
+    found = read_checkpoint(last)
+    assert found["iteration"] == expected["iteration"] == 4
+    assert all(torch.equal(found["model"][key], value) for key, value in expected["model"].items())
+    assert found["loss_normalizer_ema"] == expected["loss_normalizer_ema"] != 100.0  # the EMA went on too
+
+
+@pytest.mark.slow
+def test_evaluation_shared_by_two_processes_gives_the_map_of_one(tmp_path):
+    torch.manual_seed(0)
+    model = build_retinanet(18, num_classes=5, min_size=96, max_size=96)
+    with torch.no_grad():
+        model.classification_subnet.output.bias.fill_(-2.0)  # many detections, some on the shapes: mAP > 0
+    checkpoint = str(tmp_path / "model.pt")
+    class_names = ["circle", "rectangle", "triangle", "ellipse", "star"]
+    save_checkpoint({"model": model.state_dict(), "model_settings": model.settings.as_dict(),
+                     "class_names": class_names}, checkpoint)
+    data = make_shapes_dataset(str(tmp_path / "shapes"), "val", 7, image_size=96, seed=3)  # 4 batches of 2
+    script = [os.path.join(ROOT, "tests", "distributed_evaluation.py"), checkpoint, data["csv"], data["classes"]]
+    found = {}
+    for processes in (1, 2):
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                                 "--master_port=29533", *script], cwd=ROOT, capture_output=True, text=True,
+                                timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+        assert result.returncode == 0, result.stderr[-3000:]
+        found[processes] = float(result.stdout.split("evaluated mAP ")[1].split()[0])
+    assert found[1] > 0 and found[2] == found[1]

@@ -3,7 +3,15 @@ import torch
 
 from conftest import CLASSES, save_image, write
 from retinanet.dataloader import CSVDataset
-from retinanet.transforms import IMAGENET_MEAN, Normalize, RandomHorizontalFlip, Resize, build_transform
+from retinanet.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MEAN_COLOUR,
+    RandomHorizontalFlip,
+    Resize,
+    build_transform,
+    normalize,
+)
 
 
 def test_resize_scales_shorter_side_and_boxes_by_the_reported_factor():
@@ -55,9 +63,13 @@ def test_flip_by_hand_and_twice_is_identity():
     assert unchanged is image and unchanged_boxes is boxes
 
 
-def test_normalize_uses_imagenet_statistics():
-    normalized, _ = Normalize()(torch.tensor(IMAGENET_MEAN).view(3, 1, 1).expand(3, 2, 2), torch.zeros(0, 4))
-    torch.testing.assert_close(normalized, torch.zeros(3, 2, 2))
+def test_normalize_uses_imagenet_statistics_and_takes_the_mean_colour_to_about_zero():
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    torch.testing.assert_close(normalize(mean.expand(1, 3, 2, 2), mean, std), torch.zeros(1, 3, 2, 2))
+    white = normalize(torch.full((1, 3, 1, 1), 255, dtype=torch.uint8), mean, std)  # uint8 0..255 -> 0..1
+    torch.testing.assert_close(white.flatten(), (1 - mean.flatten()) / std.flatten())
+    padding = normalize(torch.tensor(MEAN_COLOUR, dtype=torch.uint8).view(1, 3, 1, 1), mean, std)
+    assert padding.abs().max() < 0.01  # the colour collate pads with
 
 
 def test_build_transform_scale_reaches_the_item(tmp_path):

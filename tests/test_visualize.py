@@ -32,7 +32,7 @@ class FixedDetector(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1))  # predict_dataset reads the device from the parameters
 
-    def forward(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    def forward(self, images: torch.Tensor, image_sizes=None) -> list[dict[str, torch.Tensor]]:
         return [{"boxes": torch.tensor([[4.0, 6.0, 24.0, 30.0], [2.0, 34.0, 12.0, 44.0]]),
                  "scores": torch.tensor([0.9, 0.3]), "labels": torch.tensor([1, 0])} for _ in images]
 
