@@ -300,7 +300,7 @@ class Trainer:
 
     def train_step(self, batch: dict) -> tuple[float, float]:
         """One optimizer step (retinanet.training); returns the losses, NaN for a skipped batch."""
-        images = batch["images"].to(self.device, non_blocking=True)
+        images = batch["images"].to(self.device, non_blocking=True, memory_format=torch.channels_last)  # as the weights
         annotations = batch["annotations"].to(self.device, non_blocking=True)
         result = self.step(images, annotations, self.stop.requested)
         self.stopping = result.stop

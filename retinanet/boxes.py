@@ -52,3 +52,15 @@ def decode(
     w = aw * torch.exp((dw * std[2]).clamp(max=max_log_scale))
     h = ah * torch.exp((dh * std[3]).clamp(max=max_log_scale))
     return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)  # (..., 4)
+
+
+def batched_box_iou(boxes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """IoU of each of the (B, G, 4) boxes of B images with each of the (R, 4) anchors: (B, G, R). As torchvision's
+    box_iou for one image, with every intermediate of the output's size (no (B, G, R, 2) corner tensors)."""
+    box_areas = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])  # (B, G)
+    anchor_areas = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])  # (R,)
+    x1, y1, x2, y2 = (boxes[..., i, None] for i in range(4))  # each (B, G, 1)
+    widths = (torch.minimum(x2, anchors[:, 2]) - torch.maximum(x1, anchors[:, 0])).clamp(min=0)  # (B, G, R)
+    heights = (torch.minimum(y2, anchors[:, 3]) - torch.maximum(y1, anchors[:, 1])).clamp(min=0)  # (B, G, R)
+    intersection = widths * heights
+    return intersection / (box_areas[..., None] + anchor_areas - intersection)  # (B, G, 1) + (R,) -> (B, G, R)

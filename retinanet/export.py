@@ -9,6 +9,7 @@ port to another runtime.
 Legend for shapes: B batch, K classes, R anchors over all levels.
 """
 
+import copy
 import json
 
 import torch
@@ -39,7 +40,8 @@ def export_onnx(model: RetinaNet, path: str, class_names: list[str]) -> None:
     The model's settings and class names go into the file's metadata (keys "model_settings" and "class_names",
     JSON), for whoever decodes its outputs elsewhere.
     """
-    network = NetworkOutputs(model).eval()
+    # In the contiguous (NCHW) layout: channels last makes the exporter guard on sizes, losing dynamic shapes.
+    network = NetworkOutputs(copy.deepcopy(model).to(memory_format=torch.contiguous_format)).eval()
     example = torch.zeros(1, 3, *EXAMPLE_IMAGE_SIZE, device=next(model.parameters()).device)
     dynamic = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
     with torch.no_grad():

@@ -9,14 +9,15 @@ Training a RetinaNet has three stages, each a function below:
 Legend for shapes: B batch, R anchors over all levels, K classes, G ground-truth boxes per image (padded).
 """
 
+import functools
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
-from torchvision.ops import box_iou, generalized_box_iou_loss
 
-from .boxes import decode, encode
+from .boxes import batched_box_iou, decode, encode
 from .settings import ModelSettings
 
 # Match states of an anchor that is not assigned to a ground-truth box (a matched anchor holds the box's index).
@@ -25,27 +26,45 @@ IGNORED = -2  # IoU in [bg_iou, fg_iou): "ignored during training" (§4 "Anchors
 EMA_START = 100.0  # detectron2's first value of the moving average of the foreground count
 
 
+def focal_terms(logits: torch.Tensor, positive: torch.Tensor, alpha: float, gamma: float):
+    """The α-balanced focal loss of Eq. 5 at each element of `logits`, and its gradient with respect to them, for
+    bool targets `positive` of the same shape: the loss in float32 (or float64), the gradient in the logits' dtype.
+
+    Computed in logit space, so exact where a clamped probability would not be: with z = x if y = 1 else -x,
+    p_t = sigmoid(z) (Eq. 2), 1 - p_t = sigmoid(-z) and -log(p_t) = log(1 + exp(-z)).
+    """
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 and fp16 in float32, float64 as it is
+    z = torch.where(positive, x, -x)  # Eq. 2: p_t = p if y = 1 else 1 - p, i.e. p_t = sigmoid(z)
+    # -log(p_t) = log(1 + exp(-z)) = max(-z, 0) + log(1 + exp(-|z|)), so that exp() never overflows. Written out
+    # because torch's softplus and logsigmoid go through log1p, several times slower on CPUs.
+    cross_entropy = F.relu(-z) + torch.log(1 + torch.exp(-z.abs()))
+    one_minus_p_t = torch.sigmoid(-z)
+    modulating_factor = one_minus_p_t**gamma  # Eq. 4: "adding a modulating factor (1 - p_t)^γ"
+    alpha_t = torch.where(positive, alpha, 1 - alpha) if alpha >= 0 else 1.0  # Eq. 3: α for y = 1, 1 - α for 0
+    # d FL / dz = -α_t (1 - p_t)^γ (γ p_t (-log p_t) + 1 - p_t), from d p_t / dz = p_t (1 - p_t); dz / dx = ±1.
+    grad_z = -alpha_t * modulating_factor * (gamma * (1 - one_minus_p_t) * cross_entropy + one_minus_p_t)
+    loss = alpha_t * modulating_factor * cross_entropy
+    return loss, torch.where(positive, grad_z, -grad_z).to(logits.dtype)
+
+
+@functools.cache
+def fused_focal_terms():
+    """focal_terms compiled into one GPU kernel: a dozen element-wise passes over (B, R, K) tensors become one.
+    Made on the first call, for any shape (dynamic)."""
+    return torch.compile(focal_terms, dynamic=True)
+
+
 class FocalLoss(torch.autograd.Function):
     """Element-wise α-balanced focal loss, paper Eq. 5, with its gradient written out: autograd would keep about
     ten intermediate tensors of the logits' size for its backward pass and walk back through each; this keeps
-    one, the gradient, computed along with the loss. Use it through focal_loss."""
+    one, the gradient, computed along with the loss (in one fused kernel on a GPU). Use it through focal_loss."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, positive: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
-        z = torch.where(positive, logits, -logits)  # Eq. 2: p_t = p if y = 1 else 1 - p, i.e. p_t = sigmoid(z)
-        # -log(p_t) = log(1 + exp(-z)) = max(-z, 0) + log(1 + exp(-|z|)), so that exp() never overflows. Written
-        # out because torch's softplus and logsigmoid go through log1p, several times slower on CPUs.
-        cross_entropy = F.relu(-z) + torch.log(1 + torch.exp(-z.abs()))
-        one_minus_p_t = torch.sigmoid(-z)
-        modulating_factor = one_minus_p_t**gamma  # Eq. 4: "adding a modulating factor (1 - p_t)^γ"
-        alpha_t = torch.where(positive, alpha, 1 - alpha) if alpha >= 0 else 1.0  # Eq. 3: α for y = 1, 1 - α for 0
-        if ctx.needs_input_grad[0]:
-            # d FL / dz = -α_t (1 - p_t)^γ (γ p_t (-log p_t) + 1 - p_t), from d p_t / dz = p_t (1 - p_t);
-            # dz / dx = 1 if y = 1 else -1.
-            p_t = 1 - one_minus_p_t
-            grad_z = -alpha_t * modulating_factor * (gamma * p_t * cross_entropy + one_minus_p_t)
-            ctx.save_for_backward(torch.where(positive, grad_z, -grad_z))
-        return alpha_t * modulating_factor * cross_entropy
+        terms = fused_focal_terms() if logits.is_cuda else focal_terms
+        loss, grad = terms(logits, positive, alpha, gamma)
+        ctx.save_for_backward(grad)
+        return loss
 
     @staticmethod
     @once_differentiable  # the saved gradient is a constant: no second derivative through it
@@ -56,16 +75,12 @@ class FocalLoss(torch.autograd.Function):
 
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
     """Element-wise α-balanced focal loss, paper Eq. 5: FL(p_t) = -α_t (1 - p_t)^γ log(p_t), for targets y in
-    {0, 1} (bool or float) of the logits' shape.
-
-    Computed in logit space, so exact where a clamped probability would not be: with z = x if y = 1 else -x,
-    p_t = sigmoid(z) (Eq. 2), 1 - p_t = sigmoid(-z) and -log(p_t) = log(1 + exp(-z)). alpha = 0.25 and gamma = 2
-    are the paper's choice (§5.1, Table 1a/b); alpha < 0 turns the α-balancing off.
-    """
+    {0, 1} (bool or float) of the logits' shape. alpha = 0.25 and gamma = 2 are the paper's choice (§5.1, Table
+    1a/b); alpha < 0 turns the α-balancing off."""
     return FocalLoss.apply(logits, targets.bool(), alpha, gamma)
 
 
-def match_anchors(
+def match_batch(
     anchors: torch.Tensor,
     gt_boxes: torch.Tensor,
     gt_valid: torch.Tensor,
@@ -73,41 +88,50 @@ def match_anchors(
     bg_iou: float = 0.4,
     allow_low_quality_matches: bool = True,
 ) -> torch.Tensor:
-    """Assign the (R, 4) anchors of one image to its (G, 4) ground-truth boxes; returns (R,) int64.
+    """Assign the (R, 4) anchors to each image's (B, G, 4) ground-truth boxes; returns (B, R) int64: the index of
+    the matched box, BACKGROUND or IGNORED. Boxes whose (B, G) `gt_valid` flag is False (padding) match nothing.
 
     §4 "Anchors": "anchors are assigned to ground-truth object boxes using an intersection-over-union (IoU)
     threshold of 0.5; and to background if their IoU is in [0, 0.4). [...] Unassigned anchors with overlap in
-    [0.4, 0.5) are ignored during training." Each entry is the index of the matched box, BACKGROUND or IGNORED.
-    Boxes whose (G,) `gt_valid` flag is False (padding) match nothing.
+    [0.4, 0.5) are ignored during training."
 
     Low-quality matches (not in the paper; as Faster R-CNN's RPN, detectron2 and torchvision): a box that no
     anchor overlaps by fg_iou still gets the anchors it overlaps most, whatever their IoU, so that no object,
     however small or thin, is left without a positive anchor. Detectron's RetinaNet makes such matches too but
     then sets those below bg_iou back to background; yhenon/pytorch-retinanet makes none.
+
+    Selections are made with torch.where, never with boolean indexing: nothing here waits for the device.
     """
-    if gt_boxes.shape[0] == 0:
-        return torch.full((anchors.shape[0],), BACKGROUND, dtype=torch.long, device=anchors.device)
-    iou = box_iou(gt_boxes, anchors).masked_fill(~gt_valid[:, None], -1.0)  # (G, R)
-    best_iou, matches = iou.max(dim=0)  # (R,) each: the box each anchor overlaps most
+    if gt_boxes.shape[1] == 0:
+        return torch.full(gt_boxes.shape[:1] + anchors.shape[:1], BACKGROUND, dtype=torch.long, device=anchors.device)
+    iou = batched_box_iou(gt_boxes, anchors).masked_fill(~gt_valid[..., None], -1.0)  # (B, G, R)
+    best_iou, best_box = iou.max(dim=1)  # (B, R) each: the box each anchor overlaps most
+    matches = torch.where(best_iou >= fg_iou, best_box, torch.where(best_iou >= bg_iou, IGNORED, BACKGROUND))
     if allow_low_quality_matches:
-        best_iou_per_box = iou.max(dim=1, keepdim=True).values  # (G, 1)
-        is_best_anchor = ((iou == best_iou_per_box) & (best_iou_per_box > 0)).any(dim=0)  # (R,)
-        best_matches = matches.clone()
-    matches[best_iou < fg_iou] = IGNORED
-    matches[best_iou < bg_iou] = BACKGROUND
-    if allow_low_quality_matches:
-        matches = torch.where(is_best_anchor, best_matches, matches)
+        best_iou_per_box = iou.max(dim=2, keepdim=True).values  # (B, G, 1)
+        is_best_anchor = ((iou == best_iou_per_box) & (best_iou_per_box > 0)).any(dim=1)  # (B, R)
+        matches = torch.where(is_best_anchor, best_box, matches)
     return matches
 
 
-def match_batch(anchors: torch.Tensor, annotations: torch.Tensor, **match_kwargs) -> torch.Tensor:
-    """Match the (R, 4) anchors to each image's rows of (B, G, 5) annotations; returns (B, R) int64 row indices.
+def match_anchors(anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_valid: torch.Tensor, **match_kwargs) -> torch.Tensor:
+    """match_batch for one image: (R, 4) anchors, (G, 4) boxes and (G,) valid flags -> (R,) int64."""
+    return match_batch(anchors, gt_boxes[None], gt_valid[None], **match_kwargs)[0]
 
-    Rows whose class is negative are padding and match nothing.
-    """
-    return torch.stack(
-        [match_anchors(anchors, boxes[:, :4], boxes[:, 4] >= 0, **match_kwargs) for boxes in annotations]
-    )  # (B, R)
+
+def generalized_iou_loss(predicted: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """1 - GIoU (Rezatofighi et al. 2019) of (..., 4) x1y1x2y2 boxes, element-wise: (...). As torchvision's
+    generalized_box_iou_loss, with intersections clamped at 0 rather than selected by a boolean mask, whose size
+    would make the host wait for the device."""
+    predicted_area = (predicted[..., 2] - predicted[..., 0]) * (predicted[..., 3] - predicted[..., 1])
+    target_area = (target[..., 2] - target[..., 0]) * (target[..., 3] - target[..., 1])
+    lower = torch.maximum(predicted[..., :2], target[..., :2])  # (..., 2)
+    upper = torch.minimum(predicted[..., 2:], target[..., 2:])  # (..., 2)
+    intersection = (upper - lower).clamp(min=0).prod(dim=-1)
+    union = predicted_area + target_area - intersection
+    hull = (torch.maximum(predicted[..., 2:], target[..., 2:]) - torch.minimum(predicted[..., :2], target[..., :2]))
+    hull_area = hull.prod(dim=-1)
+    return 1 - intersection / (union + eps) + (hull_area - union) / (hull_area + eps)
 
 
 class RetinaNetLoss(nn.Module):
@@ -151,42 +175,46 @@ class RetinaNetLoss(nn.Module):
         annotations: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Losses for (B, R, K) class logits and (B, R, 4) box offsets given (R, 4) anchors and (B, G, 5)
-        annotations (x1, y1, x2, y2, class index; padding rows -1). Returns two scalars."""
-        cls_logits, box_deltas = cls_logits.float(), box_deltas.float()  # losses in fp32 under autocast
+        annotations (x1, y1, x2, y2, class index; padding rows -1). Returns two float32 scalars."""
         if annotations.shape[1] == 0:  # no boxes in the whole batch: one padding row keeps the gather valid
             annotations = F.pad(annotations, (0, 0, 0, 1), value=-1.0)  # (B, 0, 5) -> (B, 1, 5)
-        matches = match_batch(anchors, annotations, **self.match_kwargs)  # (B, R)
-        foreground = matches >= 0  # (B, R)
-        not_ignored = matches != IGNORED  # (B, R)
+        # On a GPU, the whole batch at once: a few large kernels rather than some sixty small ones per image. On a
+        # CPU, one image at a time: its memory allocator recycles the (R, K) temporaries of one image, where those
+        # of a whole (B, R, K) batch come back as fresh pages from the OS at every step (3x slower on 2 cores).
+        per_chunk = 1 if cls_logits.device.type == "cpu" else len(annotations)
+        chunks = zip(cls_logits.split(per_chunk), box_deltas.split(per_chunk), annotations.split(per_chunk))
+        cls_loss, box_loss, num_foreground = (sum(parts) for parts in zip(*(
+            self.summed_losses(*chunk, anchors) for chunk in chunks)))
+        normalizer = self.normalizer(num_foreground.float())
+        return cls_loss / normalizer, box_loss / normalizer
+
+    def summed_losses(self, cls_logits: torch.Tensor, box_deltas: torch.Tensor, annotations: torch.Tensor,
+                      anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The focal loss summed over every anchor and class, the box loss summed over foreground anchors, and the
+        number of foreground anchors, of (b, R, K) logits, (b, R, 4) deltas and (b, G, 5) annotations."""
+        matches = match_batch(anchors, annotations[..., :4], annotations[..., 4] >= 0, **self.match_kwargs)  # (b, R)
+        foreground = matches >= 0  # (b, R)
         matched = torch.gather(
             annotations, 1, matches.clamp(min=0)[..., None].expand(-1, -1, annotations.shape[-1])
-        )  # (B, R, 5): each anchor's box (meaningful only where foreground)
-        normalizer = self.normalizer(foreground.sum().to(cls_logits.dtype))
-
+        )  # (b, R, 5): each anchor's box (meaningful only where foreground)
         # Both losses are computed at every anchor and masked, not gathered through boolean masks: a gathered size
         # depends on the data, which on a GPU means waiting for it (a host-device synchronisation).
-        matched_labels = torch.where(foreground, matched[..., 4].long(), BACKGROUND)  # (B, R), -1: no class
+        matched_labels = torch.where(foreground, matched[..., 4].long(), BACKGROUND)  # (b, R), -1: no class
         classes = torch.arange(cls_logits.shape[-1], device=cls_logits.device)  # (K,)
-        # One image at a time: a CPU's memory allocator recycles the (R, K) temporaries of one image, where those
-        # of a whole (B, R, K) batch come back as fresh pages from the OS at every step (3x slower on 2 cores).
-        alpha, gamma = self.settings.alpha, self.settings.gamma
-        cls_loss = sum(
-            (focal_loss(logits, labels[:, None] == classes, alpha, gamma).sum(dim=-1) * counted).sum()
-            for logits, labels, counted in zip(cls_logits, matched_labels, not_ignored)
-        )  # per image: (R, 1) == (K,) -> (R, K) one-hot targets; losses (R, K) -> (R,) -> ()
-        cls_loss = cls_loss / normalizer
-
+        positive = matched_labels[..., None] == classes  # (b, R, 1) == (K,) -> (b, R, K) one-hot targets
+        focal = focal_loss(cls_logits, positive, self.settings.alpha, self.settings.gamma)  # (b, R, K)
+        cls_loss = (focal.sum(dim=-1) * (matches != IGNORED)).sum()  # (b, R, K) -> (b, R) -> ()
         # Non-foreground anchors get themselves as target box: a finite, zero-offset term that the mask drops.
-        matched_boxes = torch.where(foreground[..., None], matched[..., :4], anchors)  # (B, R, 4)
-        box_loss = self.regression_loss(box_deltas, anchors, matched_boxes)  # (B, R)
-        return cls_loss, (box_loss * foreground).sum() / normalizer
+        matched_boxes = torch.where(foreground[..., None], matched[..., :4], anchors)  # (b, R, 4)
+        box_loss = (self.regression_loss(box_deltas.float(), anchors, matched_boxes) * foreground).sum()
+        return cls_loss, box_loss, foreground.sum()
 
     def regression_loss(self, deltas: torch.Tensor, anchors: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
         """Box loss (B, R) of (B, R, 4) predicted offsets from (R, 4) anchors against (B, R, 4) boxes."""
         std = self.settings.box_coder_std
         if self.settings.box_loss == "giou":
             predicted = decode(anchors, deltas, std)  # (B, R, 4)
-            return generalized_box_iou_loss(predicted, gt_boxes, reduction="none")  # (B, R)
+            return generalized_iou_loss(predicted, gt_boxes)  # (B, R)
         targets = encode(anchors, gt_boxes, std)  # (B, R, 4)
         # §4.1 "Optimization": "the standard smooth L1 loss used for box regression"; β per the settings' box coding
         return F.smooth_l1_loss(deltas, targets, beta=self.settings.smooth_l1_beta, reduction="none").sum(dim=-1)

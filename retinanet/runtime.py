@@ -19,7 +19,9 @@ DISTRIBUTED_TIMEOUT = datetime.timedelta(minutes=60)
 
 def resolve_device(name: str | None = None) -> torch.device:
     """torch.device for a name such as "cpu", "cuda" or "cuda:1"; None picks CUDA when available, else the CPU.
-    Raises ValueError for an unknown name or an unavailable CUDA device."""
+    Raises ValueError for an unknown name or an unavailable CUDA device. On CUDA, cuDNN is also told to find the
+    fastest convolution algorithm of each input size once (cudnn.benchmark): padded sizes are multiples of 32,
+    so there are few of them."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -28,6 +30,7 @@ def resolve_device(name: str | None = None) -> torch.device:
         raise ValueError(f"unknown device {name!r}; expected cpu, cuda or cuda:N") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested, but PyTorch sees no CUDA GPU here; use --device cpu")
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     return device
 
 
@@ -54,6 +57,11 @@ def mixed_precision_dtype(device: torch.device) -> torch.dtype | None:
     if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
         return torch.bfloat16
     return None
+
+
+def inference_autocast(device: torch.device) -> torch.autocast:
+    """Mixed precision for inference: fp16 on a GPU (the scores and boxes are decoded in fp32), none elsewhere."""
+    return torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
 
 
 class StopRequest:

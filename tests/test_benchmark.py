@@ -27,6 +27,9 @@ def test_benchmark_emits_a_record_per_measurement_for_both_models(capsys, tmp_pa
     ]
     for record in records:
         assert record["img_per_s"] > 0 and record["ms"] > 0 and record["peak_gib"] > 0
+    waits = {(record["impl"], record["mode"]): record["host_waits"] for record in records}
+    assert waits[("ours", "train")] == 1  # the step's one read; torchvision's loss waits once or more per image
+    assert waits[("torchvision", "train")] > 2 * waits[("ours", "train")]
     written = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
     assert written == records
 
@@ -45,7 +48,7 @@ def test_synthetic_batches_agree_between_the_two_input_formats():
 
 
 def test_torchvision_model_at_depth_50_is_retinanet_resnet50_fpn():
-    built = build_torchvision(parse_args(["--depth", "50", "--num_classes", "7"])).model
+    built = build_torchvision(parse_args(["--depth", "50", "--num_classes", "7"]), None, torch.device("cpu")).model
     reference = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=7)
     shapes = {name: tensor.shape for name, tensor in reference.state_dict().items()}
     assert {name: tensor.shape for name, tensor in built.state_dict().items()} == shapes
@@ -56,7 +59,7 @@ def test_both_models_freeze_the_same_backbone_parameters(freeze_at):
     args = parse_args(["--depth", "18", "--freeze_at", str(freeze_at)])
     frozen = {}
     for impl, build in BUILDERS.items():
-        parameters = build(args).model.named_parameters()
+        parameters = build(args, None, torch.device("cpu")).model.named_parameters()
         frozen[impl] = {name.replace("backbone.body.", "backbone.") for name, p in parameters if not p.requires_grad}
     assert frozen["ours"] == frozen["torchvision"]
     assert bool(frozen["ours"]) == (freeze_at > 0)

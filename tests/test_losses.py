@@ -3,10 +3,19 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torchvision.ops import sigmoid_focal_loss
+from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
-from retinanet.boxes import MAX_LOG_SCALE, decode, encode
-from retinanet.losses import BACKGROUND, IGNORED, RetinaNetLoss, focal_loss, match_anchors
+from retinanet.boxes import MAX_LOG_SCALE, batched_box_iou, decode, encode
+from retinanet.losses import (
+    BACKGROUND,
+    IGNORED,
+    RetinaNetLoss,
+    focal_loss,
+    focal_terms,
+    fused_focal_terms,
+    generalized_iou_loss,
+    match_anchors,
+)
 from retinanet.settings import BOX_CODINGS, ModelSettings
 
 YHENON_STD = BOX_CODINGS["yhenon"][0]  # (0.1, 0.1, 0.2, 0.2)
@@ -165,3 +174,108 @@ def test_focal_loss_gradcheck():
     logits = torch.tensor([[-3.0, 0.0, 0.5], [2.0, -0.7, 8.0]], dtype=torch.float64, requires_grad=True)
     targets = torch.tensor([[True, False, True], [False, False, True]])
     assert torch.autograd.gradcheck(lambda x: focal_loss(x, targets, 0.25, 2.0), (logits,))
+
+
+def reference_losses(cls_logits, box_deltas, anchors, annotations, settings):
+    """The loss as computed before the batched rewrite, from torchvision's ops: per image, boxes matched through
+    boolean-mask assignment, torchvision's sigmoid_focal_loss and generalized_box_iou_loss, PyTorch's smooth L1."""
+    cls_total, box_total, num_foreground = 0.0, 0.0, 0
+    for logits, deltas, rows in zip(cls_logits, box_deltas, annotations):
+        rows = rows[rows[:, 4] >= 0]
+        matches = torch.full((len(anchors),), BACKGROUND)
+        if len(rows):
+            iou = box_iou(rows[:, :4], anchors)  # (G, R)
+            best_iou, best_box = iou.max(dim=0)
+            matches = best_box.clone()
+            matches[best_iou < settings.fg_iou] = IGNORED
+            matches[best_iou < settings.bg_iou] = BACKGROUND
+            if settings.allow_low_quality_matches:
+                best_per_box = iou.max(dim=1, keepdim=True).values
+                is_best = ((iou == best_per_box) & (best_per_box > 0)).any(dim=0)
+                matches[is_best] = best_box[is_best]
+        foreground = matches >= 0
+        targets = torch.zeros_like(logits)
+        targets[foreground, rows[matches[foreground], 4].long()] = 1.0
+        counted = matches != IGNORED
+        cls_total = cls_total + sigmoid_focal_loss(logits[counted], targets[counted], settings.alpha,
+                                                   settings.gamma, reduction="sum")
+        matched_boxes, foreground_anchors = rows[matches[foreground], :4], anchors[foreground]
+        std = settings.box_coder_std
+        if settings.box_loss == "giou":
+            predicted = decode(foreground_anchors, deltas[foreground], std)
+            box_total = box_total + generalized_box_iou_loss(predicted, matched_boxes, reduction="sum")
+        else:
+            targets = encode(foreground_anchors, matched_boxes, std)
+            box_total = box_total + F.smooth_l1_loss(deltas[foreground], targets, beta=settings.smooth_l1_beta,
+                                                     reduction="sum")
+        num_foreground += int(foreground.sum())
+    return cls_total / max(num_foreground, 1), box_total / max(num_foreground, 1)
+
+
+def random_case(seed: int, batch: int = 3, num_anchors: int = 60, num_classes: int = 4, max_boxes: int = 5):
+    generator = torch.Generator().manual_seed(seed)
+    corners = torch.rand(num_anchors, 2, generator=generator, dtype=torch.float64) * 80
+    anchors = torch.cat([corners, corners + 4 + torch.rand(num_anchors, 2, generator=generator, dtype=torch.float64) * 40], 1)
+    annotations = torch.full((batch, max_boxes, 5), -1.0, dtype=torch.float64)
+    for image in range(batch - 1):  # the last image has no boxes
+        count = int(torch.randint(1, max_boxes + 1, (), generator=generator))
+        # boxes near anchors, so that every match state occurs
+        boxes = anchors[torch.randint(num_anchors, (count,), generator=generator)]
+        boxes = boxes + torch.randn(count, 4, generator=generator, dtype=torch.float64) * 3
+        boxes[:, 2:] = torch.maximum(boxes[:, 2:], boxes[:, :2] + 1)
+        labels = torch.randint(num_classes, (count, 1), generator=generator).double()
+        annotations[image, :count] = torch.cat([boxes, labels], 1)
+    cls_logits = (torch.randn(batch, num_anchors, num_classes, generator=generator, dtype=torch.float64) * 3).requires_grad_()
+    box_deltas = (torch.randn(batch, num_anchors, 4, generator=generator, dtype=torch.float64) * 0.3).requires_grad_()
+    return cls_logits, box_deltas, anchors, annotations
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("options", [
+    dict(), dict(box_loss="giou"), dict(box_coder_std=YHENON_STD, smooth_l1_beta=1 / 9),
+    dict(allow_low_quality_matches=False, alpha=0.5, gamma=1.5),
+])
+def test_loss_equals_the_per_image_reference_values_and_gradients(seed, options):
+    settings = ModelSettings(num_classes=4, **options)
+    cls_logits, box_deltas, anchors, annotations = random_case(seed)
+    ours = RetinaNetLoss(settings)(cls_logits, box_deltas, anchors, annotations)
+    theirs = reference_losses(cls_logits, box_deltas, anchors, annotations, settings)
+    for mine, expected in zip(ours, theirs):
+        torch.testing.assert_close(mine, expected)
+        grads = torch.autograd.grad(mine, (cls_logits, box_deltas), allow_unused=True)
+        expected_grads = torch.autograd.grad(expected, (cls_logits, box_deltas), allow_unused=True)
+        for grad, expected_grad in zip(grads, expected_grads):
+            torch.testing.assert_close(grad if grad is not None else torch.zeros(()),
+                                       expected_grad if expected_grad is not None else torch.zeros(()))
+
+
+def test_the_whole_batch_at_once_equals_one_image_at_a_time():
+    # A GPU takes the batch in one piece, a CPU one image at a time: the same sums.
+    cls_logits, box_deltas, anchors, annotations = random_case(7, batch=4)
+    loss = RetinaNetLoss(ModelSettings(num_classes=4))
+    whole = loss.summed_losses(cls_logits, box_deltas, annotations, anchors)
+    per_image = [loss.summed_losses(*chunk, anchors) for chunk in
+                 zip(cls_logits.split(1), box_deltas.split(1), annotations.split(1))]
+    for total, parts in zip(whole, zip(*per_image)):
+        torch.testing.assert_close(total, sum(parts))
+
+
+def test_batched_box_iou_and_generalized_iou_loss_equal_torchvision():
+    _, box_deltas, anchors, annotations = random_case(3)
+    boxes = annotations[0, :3, :4]
+    torch.testing.assert_close(batched_box_iou(annotations[:1, :3, :4], anchors)[0], box_iou(boxes, anchors))
+    predicted = decode(anchors[:3], box_deltas[0, :3].detach(), (1.0, 1.0, 1.0, 1.0))
+    torch.testing.assert_close(generalized_iou_loss(predicted, boxes),
+                               generalized_box_iou_loss(predicted, boxes, reduction="none"))
+
+
+@pytest.mark.slow
+def test_the_fused_focal_kernel_computes_what_the_eager_one_does():
+    # torch.compile makes the GPU's one-kernel focal loss; compiled here for the CPU, it must trace to the same math.
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 300, 5, generator=generator) * 4
+    positive = torch.rand(2, 300, 5, generator=generator) > 0.9
+    for alpha, gamma in [(0.25, 2.0), (-1, 0.0)]:
+        for fused, eager in zip(fused_focal_terms()(logits, positive, alpha, gamma),
+                                focal_terms(logits, positive, alpha, gamma)):
+            torch.testing.assert_close(fused, eager)

@@ -2,16 +2,19 @@
 
 Measurements, one process, one run (each prints one JSON line; a table with the ratio ours / torchvision ends it):
 - train:     images/s of a whole training step at --batch_size: target assignment and losses, forward, backward,
-             SGD with momentum 0.9. In fp32, in each memory format of --memory_formats.
-- train_amp: the same under mixed precision: autocast to bf16 (fp16 with a GradScaler on a GPU without bf16).
-             On a CPU too, as bf16: fast where the CPU has bf16 instructions (AVX512-BF16, AMX), slower than fp32
-             where it has not; --no_amp skips it.
+             SGD with momentum 0.9. In fp32, in each memory format of --memory_formats. Ours is train.py's own
+             step (retinanet.training.TrainStep), with its one read of the losses.
+- train_amp: the same under train.py's mixed precision (retinanet.runtime.mixed_precision_dtype): fp16 with a
+             GradScaler on a GPU, bf16 on a CPU with bf16 instructions (AVX512-BF16, AMX); skipped on other CPUs
+             (bf16 is emulated there) and with --no_amp.
 - infer_b1:  latency at batch 1, post-processing (top-k, decoding, NMS) included.
 - infer_b8:  images/s at batch 8, likewise.
 - data:      images/s of one data-loading worker: JPEG decoding, resize, flip, normalisation (CSVDataset with
              build_transform) and collate, on JPEG files of COCO-like size (640x480) written from scikit-image's
              photos.
-Each step is timed alone; "ms" is the median step and img_per_s is batch size / median, steady on a busy machine.
+Each step is timed alone, on a GPU with CUDA events; "ms" is the median step and img_per_s is batch size / median,
+steady on a busy machine. "host_waits" counts, in one extra untimed step, the operations that make the host wait
+for a GPU (reads of values, sizes only the device knows, boolean masks, tensors made from host data; HostWaits).
 "peak_gib" is torch.cuda.max_memory_allocated on a GPU; on a CPU, the process's peak resident memory (Python and
 the libraries included), restarted before each measurement on Linux, elsewhere the peak of the run so far.
 
@@ -20,7 +23,7 @@ classes, input size (torchvision's min_size / max_size are set so that it does n
 keep 100 detections per image after NMS 0.5, and both use score threshold --score_threshold, 0 by default: an
 untrained network scores every anchor near the prior π = 0.01, so the paper's 0.05 would leave nothing to NMS;
 with 0, all 1000 candidates per level reach NMS, the most post-processing a trained network could need.
-torchvision's timings include its own input normalisation and padding, which ours leave to the data pipeline.
+Both normalise their input inside the model (ours takes the uint8 images, torchvision float ones).
 
     python tools/benchmark.py --device cpu --depth 18 --image_size 256 256 --batch_size 4
     python tools/benchmark.py --device cuda --depth 50 --image_size 800 1216 --batch_size 8
@@ -44,6 +47,7 @@ import skimage.data
 import torch
 from PIL import Image
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 from torchvision.models.detection import RetinaNet as TorchvisionRetinaNet
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
@@ -55,6 +59,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from retinanet.dataloader import CSVDataset, collate  # noqa: E402
 from retinanet.model import build_retinanet  # noqa: E402
+from retinanet.optimization import build_optimizer  # noqa: E402
+from retinanet.runtime import mixed_precision_dtype  # noqa: E402
+from retinanet.training import TrainStep  # noqa: E402
 from retinanet.transforms import build_transform  # noqa: E402
 
 IMPLS = ("ours", "torchvision")
@@ -73,7 +80,7 @@ LINUX_CLEAR_REFS = "/proc/self/clear_refs"  # writing "5" there resets the peak 
 class Batch:
     """One synthetic batch in both input formats: ours (a tensor and padded annotations) and torchvision's."""
 
-    images: torch.Tensor  # (B, 3, H, W)
+    images: torch.Tensor  # (B, 3, H, W) uint8
     annotations: torch.Tensor  # (B, G, 5): x1, y1, x2, y2, class; padding rows -1
     targets: list[dict[str, torch.Tensor]]  # per image {"boxes": (G_i, 4), "labels": (G_i,) int64}
 
@@ -83,14 +90,8 @@ class Detector:
     """A model and the two calls the benchmark times, each in the model's own input format."""
 
     model: nn.Module
-    loss: Callable[[Batch], torch.Tensor]  # summed training losses of a batch
-    detect: Callable[[torch.Tensor], list[dict[str, torch.Tensor]]]  # detections of (B, 3, H, W) images
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the GPU's queued kernels so that a clock read next covers them; nothing to wait for on a CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    train_step: Callable[[Batch], None]  # one optimizer step on a batch
+    detect: Callable[[torch.Tensor], list[dict[str, torch.Tensor]]]  # detections of (B, 3, H, W) uint8 images
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -132,7 +133,7 @@ def synthetic_batches(
             corners = torch.rand(count, 2, generator=generator) * (side_scale - sides)  # (G_i, 2) top-left
             labels = torch.randint(0, num_classes, (count, 1), generator=generator).float()  # (G_i, 1)
             annotations[i, :count] = torch.cat([corners, corners + sides, labels], dim=1)  # -> (G_i, 5)
-        images = torch.randn(batch_size, 3, height, width, generator=generator)  # (B, 3, H, W)
+        images = torch.randint(0, 256, (batch_size, 3, height, width), generator=generator, dtype=torch.uint8)
         annotations = annotations.to(device)
         targets = [
             {"boxes": rows[:count, :4], "labels": rows[:count, 4].long()} for rows, count in zip(annotations, counts)
@@ -141,24 +142,27 @@ def synthetic_batches(
     return batches
 
 
-def build_ours(args: argparse.Namespace) -> Detector:
-    """This project's RetinaNet."""
+def optimizer_of(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """SGD with momentum 0.9 over the trainable parameters, the same for both models."""
+    return build_optimizer(model, "sgd", lr=args.lr, weight_decay=args.weight_decay)
+
+
+def build_ours(args: argparse.Namespace, autocast_dtype: torch.dtype | None, device: torch.device) -> Detector:
+    """This project's RetinaNet, trained by train.py's step."""
     model = build_retinanet(
         args.depth, args.num_classes, freeze_at=args.freeze_at, score_threshold=args.score_threshold,
         max_detections=DETECTIONS_PER_IMAGE,
-    )
-
-    def loss(batch: Batch) -> torch.Tensor:
-        cls_loss, box_loss = model(batch.images, batch.annotations)
-        return cls_loss + box_loss
-
-    return Detector(model, loss, model)
+    ).to(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    step = TrainStep(model, optimizer_of(model, args), scaler, device, autocast_dtype)
+    return Detector(model, lambda batch: step(batch.images, batch.annotations, stop_requested=False), model)
 
 
-def build_torchvision(args: argparse.Namespace) -> Detector:
+def build_torchvision(args: argparse.Namespace, autocast_dtype: torch.dtype | None, device: torch.device) -> Detector:
     """torchvision's RetinaNet with a ResNet-`depth` FPN backbone; at depth 50, the very network of
     retinanet_resnet50_fpn(weights=None, weights_backbone=None). Built from its parts because that function
-    ignores trainable_backbone_layers without pretrained weights, and freeze_at must apply to both models."""
+    ignores trainable_backbone_layers without pretrained weights, and freeze_at must apply to both models. Trained
+    by the usual loop of torch.amp: autocast, scaled backward, GradScaler's step."""
     backbone = resnet_fpn_backbone(
         backbone_name=f"resnet{args.depth}",
         weights=None,
@@ -170,73 +174,86 @@ def build_torchvision(args: argparse.Namespace) -> Detector:
     model = TorchvisionRetinaNet(
         backbone, args.num_classes, min_size=min(args.image_size), max_size=max(args.image_size),
         score_thresh=args.score_threshold, detections_per_img=DETECTIONS_PER_IMAGE,
-    )
+    ).to(device)
+    optimizer = optimizer_of(model, args)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
 
-    def loss(batch: Batch) -> torch.Tensor:
-        return sum(model(list(batch.images), batch.targets).values())
+    def train_step(batch: Batch) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = sum(model(list(batch.images.float() / 255), batch.targets).values())
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
     def detect(images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        return model(list(images))
+        return model(list(images.float() / 255))
 
-    return Detector(model, loss, detect)
+    return Detector(model, train_step, detect)
 
 
 BUILDERS = {"ours": build_ours, "torchvision": build_torchvision}
 
 
+class HostWaits(TorchDispatchMode):
+    """Records, by name, each operation run inside it that would make the host wait for a GPU: reading a value
+    (item, tolist), an output whose size only the device knows (nonzero, NMS, ...), a selection by boolean mask, a
+    tensor made from host data (on a GPU, a copy from the host). Counted on any device, by name; tolist runs
+    without dispatch, so it is wrapped while inside."""
+
+    READS = {"_local_scalar_dense", "item", "is_nonzero", "equal"}
+    DATA_DEPENDENT = {"nonzero", "masked_select", "unique", "_unique2", "nms"}
+    FROM_HOST = {"lift_fresh", "lift_fresh_copy"}
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __enter__(self):
+        tolist = self.tolist = torch.Tensor.tolist
+        torch.Tensor.tolist = lambda tensor: self.found.append("tolist") or tolist(tensor)
+        return super().__enter__()
+
+    def __exit__(self, *exception):
+        torch.Tensor.tolist = self.tolist
+        return super().__exit__(*exception)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        indices = args[1] if name.startswith("index") and len(args) > 1 else ()
+        if name in self.READS | self.DATA_DEPENDENT | self.FROM_HOST:
+            self.found.append(name)
+        elif any(isinstance(index, torch.Tensor) and index.dtype == torch.bool for index in indices or ()):
+            self.found.append(f"{name} with a boolean mask")
+        return func(*args, **(kwargs or {}))
+
+
 def time_steps(step: Callable[[int], None], steps: int, warmup: int, device: torch.device, desc: str) -> float:
-    """Median seconds of `steps` calls step(i), after `warmup` untimed ones."""
+    """Median seconds of `steps` calls step(i), after `warmup` untimed ones: on a GPU, between CUDA events
+    recorded around each call (the GPU's own time, read once all steps are done), on a CPU by the clock."""
     for i in range(warmup):
         step(i)
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+        for i, (start, end) in enumerate(tqdm(events, desc=desc, leave=False)):
+            start.record()
+            step(warmup + i)
+            end.record()
+        torch.cuda.synchronize(device)
+        return statistics.median(start.elapsed_time(end) / 1000 for start, end in events)
     seconds = []
     for i in tqdm(range(steps), desc=desc, leave=False):
-        synchronize(device)
         start = time.perf_counter()
         step(warmup + i)
-        synchronize(device)
         seconds.append(time.perf_counter() - start)
     return statistics.median(seconds)
 
 
-def amp_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the device has it (needs no loss scaling), else fp16."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
-
-
-def measure_training(
-    detector: Detector, batches: list[Batch], device: torch.device, args: argparse.Namespace,
-    autocast_dtype: torch.dtype | None, desc: str,
-) -> float:
-    """Median seconds of one SGD step on the batches, under autocast to autocast_dtype unless None."""
-    model = detector.model.train()
-    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.SGD(parameters, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-
-    def step(i: int) -> None:
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = detector.loss(batches[i % len(batches)])
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
-    return time_steps(step, args.steps, args.warmup, device, desc)
-
-
-def measure_inference(
-    detector: Detector, batches: list[Batch], device: torch.device, args: argparse.Namespace, desc: str
-) -> float:
-    """Median seconds of detecting the objects of one batch, post-processing included."""
-    detector.model.eval()
-
-    def step(i: int) -> None:
-        with torch.inference_mode():
-            detector.detect(batches[i % len(batches)].images)
-
-    return time_steps(step, args.steps, args.warmup, device, desc)
+def host_waits(step: Callable[[int], None], index: int) -> int:
+    """How many times one more call step(index) makes the host wait for the device (HostWaits)."""
+    with HostWaits() as waits:
+        step(index)
+    return len(waits.found)
 
 
 def measure_model(impl: str, mode: str, memory_format: str, device: torch.device, args: argparse.Namespace) -> dict:
@@ -245,19 +262,24 @@ def measure_model(impl: str, mode: str, memory_format: str, device: torch.device
     batches = synthetic_batches(batch_size, tuple(args.image_size), args.num_classes, device)
     for batch in batches:
         batch.images = batch.images.contiguous(memory_format=MEMORY_FORMATS[memory_format])
+    autocast_dtype = mixed_precision_dtype(device) if mode == "train_amp" else None
     torch.manual_seed(0)
-    detector = BUILDERS[impl](args)
-    detector.model.to(device=device, memory_format=MEMORY_FORMATS[memory_format])
-    desc = f"{impl} {mode} {memory_format}"
-    autocast_dtype = amp_dtype(device) if mode == "train_amp" else None
-    reset_peak_memory(device)
+    detector = BUILDERS[impl](args, autocast_dtype, device)
+    detector.model.to(memory_format=MEMORY_FORMATS[memory_format])
     if mode.startswith("train"):
-        seconds = measure_training(detector, batches, device, args, autocast_dtype, desc)
+        detector.model.train()
+        step = lambda i: detector.train_step(batches[i % len(batches)])  # noqa: E731
     else:
-        seconds = measure_inference(detector, batches, device, args, desc)
+        detector.model.eval()
+        step = lambda i: detector.detect(batches[i % len(batches)].images)  # noqa: E731
+    reset_peak_memory(device)
+    with torch.inference_mode(not mode.startswith("train")):
+        seconds = time_steps(step, args.steps, args.warmup, device, f"{impl} {mode} {memory_format}")
+        peak_gib = peak_memory_gib(device)
+        waits = host_waits(step, args.warmup + args.steps)
     return {
         "impl": impl, "mode": mode, "memory_format": memory_format, "batch_size": batch_size,
-        "img_per_s": batch_size / seconds, "ms": 1000 * seconds, "peak_gib": peak_memory_gib(device),
+        "img_per_s": batch_size / seconds, "ms": 1000 * seconds, "peak_gib": peak_gib, "host_waits": waits,
         "dtype": str(autocast_dtype or torch.float32).removeprefix("torch."),
     }
 
@@ -306,24 +328,25 @@ def measure_data(args: argparse.Namespace) -> dict:
     return {
         "impl": "ours", "mode": "data", "memory_format": "-", "batch_size": args.batch_size,
         "img_per_s": args.batch_size / seconds, "ms": 1000 * seconds, "peak_gib": peak_memory_gib(cpu),
-        "dtype": "float32",
+        "host_waits": 0, "dtype": "uint8",
     }
 
 
 def print_table(records: list[dict]) -> None:
-    """One row per (mode, memory format): images/s, ms and peak GiB of both models, and the ratio ours / torchvision
-    of images/s (above 1: ours is faster)."""
-    header = ("mode", "format", "ours img/s", "tv img/s", "ours/tv", "ours ms", "tv ms", "ours GiB", "tv GiB")
+    """One row per (mode, memory format): images/s, ms, peak GiB and host waits per step of both models, and the
+    ratio ours / torchvision of images/s (above 1: ours is faster)."""
+    header = ("mode", "format", "ours img/s", "tv img/s", "ours/tv", "ours ms", "tv ms", "ours GiB", "tv GiB",
+              "ours waits", "tv waits")
     print("\n" + " ".join(f"{title:>13}" for title in header))
     by_key = {(record["mode"], record["memory_format"], record["impl"]): record for record in records}
     for mode, memory_format in dict.fromkeys((record["mode"], record["memory_format"]) for record in records):
         ours, theirs = (by_key.get((mode, memory_format, impl)) for impl in IMPLS)
-        speed, ms, gib = (
+        speed, ms, gib, waits = (
             [f"{record[key]:.{digits}f}" if record else "-" for record in (ours, theirs)]
-            for key, digits in (("img_per_s", 2), ("ms", 1), ("peak_gib", 2))
+            for key, digits in (("img_per_s", 2), ("ms", 1), ("peak_gib", 2), ("host_waits", 0))
         )
         ratio = f"{ours['img_per_s'] / theirs['img_per_s']:.2f}" if ours and theirs else "-"
-        print(" ".join(f"{cell:>13}" for cell in (mode, memory_format, *speed, ratio, *ms, *gib)))
+        print(" ".join(f"{cell:>13}" for cell in (mode, memory_format, *speed, ratio, *ms, *gib, *waits)))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -337,7 +360,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="timed steps per measurement (default: 20 on a GPU, 5 on a CPU)")
     parser.add_argument("--warmup", type=int, help="untimed steps before them (default: 5 on a GPU, 1 on a CPU)")
     parser.add_argument("--amp", action="store_true", default=True,
-                        help="also time mixed-precision training, bf16 on a CPU (the default)")
+                        help="also time mixed-precision training as train.py runs it (the default)")
     parser.add_argument("--no_amp", dest="amp", action="store_false", help="time fp32 training only")
     parser.add_argument("--freeze_at", type=int, default=0, choices=range(6),
                         help="freeze the stem and the first freeze_at - 1 ResNet stages, in both models")
@@ -362,7 +385,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
     if args.threads:
         torch.set_num_threads(args.threads)
-    modes = [mode for mode in args.modes if mode != "train_amp" or args.amp]
+    # train_amp: train.py's mixed precision, if it has one on this device (not on CPUs without bf16 instructions)
+    modes = [mode for mode in args.modes if mode != "train_amp" or (args.amp and mixed_precision_dtype(device))]
     print(f"Benchmark on {device} ({torch.get_num_threads()} CPU threads), ResNet-{args.depth}, "
           f"{args.image_size[0]}x{args.image_size[1]} images, batch {args.batch_size}, {args.steps} timed steps "
           f"after {args.warmup}; modes {', '.join(modes)}", file=sys.stderr)
