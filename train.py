@@ -24,32 +24,17 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from retinanet.check import check_data
-from retinanet.checkpoint import (
-    checkpoint_settings,
-    model_from_checkpoint,
-    model_state_dict,
-    read_checkpoint,
-    resumed_settings,
-    save_checkpoint,
-)
+from retinanet.checkpoint import checkpoint_settings, model_from_checkpoint, read_checkpoint, resumed_settings
+from retinanet.checkpoint import restore_training_state, save_checkpoint, training_state
 from retinanet.cli import run_script
 from retinanet.coco_evaluation import evaluate_coco
 from retinanet.dataloader import AspectRatioBatchSampler, CocoDataset, CSVDataset, collate
 from retinanet.drawing import visualize_dataset
 from retinanet.evaluation import evaluate
-from retinanet.losses import EMA_START
 from retinanet.model import PRETRAINED_FREEZE_AT, RetinaNet, WeightsUnavailableError, pretrained_retinanet
 from retinanet.optimization import build_optimizer, default_lr, lr_factor
 from retinanet.predict import gather_predictions, predict_dataset
-from retinanet.runtime import (
-    StopRequest,
-    default_workers,
-    mixed_precision_dtype,
-    random_state,
-    restore_random_state,
-    setup_distributed,
-    stop_on_signals,
-)
+from retinanet.runtime import StopRequest, default_workers, mixed_precision_dtype, setup_distributed, stop_on_signals
 from retinanet.settings import BOX_CODINGS, RESNET_DEPTHS, ModelSettings
 from retinanet.shapes import make_shapes_demo
 from retinanet.training import TrainStep
@@ -258,37 +243,21 @@ class Trainer:
 
             self.writer = SummaryWriter(config.logdir)
 
-    def state(self) -> dict:
-        """The checkpoint: the model and its recipe, and all a resumed run needs to continue as if never stopped."""
-        return {
-            "model": self.model.state_dict(), "model_settings": self.model.settings.as_dict(),
-            "class_names": list(self.train_set.class_names), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "epoch": self.iteration // self.iters_per_epoch, "iteration": self.iteration, "best_map": self.best_map,
-            "skipped_batches": self.skipped_batches, "rng_state": random_state(),
-            "loss_normalizer_ema": float(self.model.loss.foreground_ema), "args": vars(self.config),
-        }
-
     def save(self, name: str) -> str:
         path = os.path.join(self.config.output_dir, name)
         if self.rank == 0:
             os.makedirs(self.config.output_dir, exist_ok=True)
-            save_checkpoint(self.state(), path)
+            save_checkpoint(training_state(
+                self.model, self.optimizer, self.scheduler, self.scaler, class_names=list(self.train_set.class_names),
+                epoch=self.iteration // self.iters_per_epoch, iteration=self.iteration, best_map=self.best_map,
+                skipped_batches=self.skipped_batches, args=vars(self.config)), path)
         return path
 
     def restore(self, checkpoint: dict, path: str) -> None:
         """Continue the run of `checkpoint`, whose model this trainer's model was rebuilt from."""
-        if "optimizer" not in checkpoint:
-            raise ValueError(f"{path}: a bare state dict cannot be resumed; use --fine_tune to start from it")
-        self.model.load_state_dict(model_state_dict(checkpoint))
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
-        self.scaler.load_state_dict(checkpoint["scaler"])
+        restore_training_state(checkpoint, path, self.model, self.optimizer, self.scheduler, self.scaler)
         self.iteration, self.best_map = checkpoint["iteration"], checkpoint["best_map"]
         self.skipped_batches = checkpoint.get("skipped_batches", 0)
-        self.model.loss.foreground_ema.fill_(checkpoint.get("loss_normalizer_ema", EMA_START))
-        if "rng_state" in checkpoint:
-            restore_random_state(checkpoint["rng_state"])
         self.log(f"resumed from {path} at iteration {self.iteration}, lr {self.lr():.3g}")
 
     def lr(self) -> float:

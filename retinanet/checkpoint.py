@@ -16,7 +16,9 @@ from typing import NamedTuple
 import torch
 
 from .files import write_atomically
+from .losses import EMA_START
 from .model import PRETRAINED_FREEZE_AT, RESNET_LAYOUTS, RetinaNet
+from .runtime import random_state, restore_random_state
 from .settings import BOX_CODINGS, YHENON_SETTINGS, ModelSettings
 
 WRAPPER_PREFIX = "module."  # what (Distributed)DataParallel adds to every key of the model it wraps
@@ -186,6 +188,31 @@ def resumed_settings(checkpoint: dict, path: str, requested: dict, num_classes: 
             f"model: leave those flags out, or start a new run from this checkpoint with --fine_tune."
         )
     return settings
+
+
+def training_state(model: RetinaNet, optimizer, scheduler, scaler, **progress) -> dict:
+    """The checkpoint of a training run: the model and its recipe, the optimizer, lr schedule and grad scaler, the
+    random state and the loss normaliser's moving average (all a resumed run needs to go on as if it had never
+    stopped), and `progress` (iteration, class names, ...)."""
+    return {
+        "model": model.state_dict(), "model_settings": model.settings.as_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng_state": random_state(),
+        "loss_normalizer_ema": float(model.loss.foreground_ema), **progress,
+    }
+
+
+def restore_training_state(checkpoint: dict, path: str, model: RetinaNet, optimizer, scheduler, scaler) -> None:
+    """Put the model (rebuilt from the checkpoint's settings), optimizer, schedule, grad scaler, random state and
+    loss normaliser back as a checkpoint of training_state holds them."""
+    if "optimizer" not in checkpoint:
+        raise ValueError(f"{path}: a bare state dict cannot be resumed; use --fine_tune to start from it")
+    model.load_state_dict(model_state_dict(checkpoint))
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    model.loss.foreground_ema.fill_(checkpoint.get("loss_normalizer_ema", EMA_START))
+    if "rng_state" in checkpoint:
+        restore_random_state(checkpoint["rng_state"])
 
 
 class LoadedModel(NamedTuple):

@@ -231,6 +231,16 @@ def test_evaluate_prints_the_table_and_saves_curves(tmp_path, capsys):
     assert "cat" in output and "mAP: 0.5000" in output
 
 
+def test_ground_truth_is_clipped_to_the_image_as_the_predictions_are(tmp_path):
+    # A 32 x 32 image annotated with a box reaching to x = 70: training clips it to the image, and so does the
+    # evaluation, where the predictions (clipped to the image too) are compared with it. Unclipped, the whole-image
+    # detection would have IoU 32 / 70 with it, a miss.
+    annotations, classes = write_csv_dataset(tmp_path, [(32, 32)], ["0.png,0,0,70,32,cat"])
+    dataset = CSVDataset(annotations, classes, build_transform(False, min_size=32, max_size=32))
+    predictions = predict_dataset(FixedDetector(whole=True).eval(), dataset)
+    assert evaluation.evaluate(predictions, dataset)["mAP"] == pytest.approx(1.0)
+
+
 def test_class_names_of_model_and_dataset_must_agree():
     check_class_names(["cat", "dog"], ["cat", "dog"])
     check_class_names(["0", "1"], ["cat", "dog"])  # a bare state dict has unnamed classes
