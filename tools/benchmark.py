@@ -8,9 +8,9 @@ Measurements, one process, one run (each prints one JSON line; a table with the 
              where it has not; --no_amp skips it.
 - infer_b1:  latency at batch 1, post-processing (top-k, decoding, NMS) included.
 - infer_b8:  images/s at batch 8, likewise.
-- data:      images/s of one data-loading worker: JPEG decoding, resize, flip, normalisation (CSVDataset with
-             build_transform) and collate, on JPEG files of COCO-like size (640x480) written from scikit-image's
-             photos.
+- data:      images/s of one data-loading worker: JPEG decoding, resize, flip, the augmentations of --augment
+             (CSVDataset with build_transform) and collate, on JPEG files of COCO-like size (640x480) written from
+             scikit-image's photos, with 1 to 15 boxes each.
 Each step is timed alone; "ms" is the median step and img_per_s is batch size / median, steady on a busy machine.
 "peak_gib" is torch.cuda.max_memory_allocated on a GPU; on a CPU, the process's peak resident memory (Python and
 the libraries included), restarted before each measurement on Linux, elsewhere the peak of the run so far.
@@ -24,6 +24,7 @@ torchvision's timings include its own input normalisation and padding, which our
 
     python tools/benchmark.py --device cpu --depth 18 --image_size 256 256 --batch_size 4
     python tools/benchmark.py --device cuda --depth 50 --image_size 800 1216 --batch_size 8
+    python tools/benchmark.py --modes data --image_size 800 1333 --threads 1 --augment photometric zoom_out crop rot90 vflip
 """
 
 import argparse
@@ -53,6 +54,7 @@ from tqdm import tqdm
 # Run as a script (python tools/benchmark.py), Python puts tools/ on the path, not the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from retinanet.augmentations import AUGMENTATIONS  # noqa: E402
 from retinanet.dataloader import CSVDataset, collate  # noqa: E402
 from retinanet.model import build_retinanet  # noqa: E402
 from retinanet.transforms import build_transform  # noqa: E402
@@ -298,7 +300,8 @@ def measure_data(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         annotation_file, class_file = write_jpeg_dataset(folder, num_batches * args.batch_size, args.num_classes)
         # The training transform, resized as the models' input: shorter side min(H, W), longer at most max(H, W).
-        transform = build_transform(train=True, min_size=min(args.image_size), max_size=max(args.image_size))
+        transform = build_transform(train=True, min_size=min(args.image_size), max_size=max(args.image_size),
+                                    augment=args.augment)
         dataset = CSVDataset(annotation_file, class_file, transform=transform)
         loader = iter(DataLoader(dataset, batch_size=args.batch_size, num_workers=0, collate_fn=collate))
         reset_peak_memory(cpu)
@@ -306,7 +309,7 @@ def measure_data(args: argparse.Namespace) -> dict:
     return {
         "impl": "ours", "mode": "data", "memory_format": "-", "batch_size": args.batch_size,
         "img_per_s": args.batch_size / seconds, "ms": 1000 * seconds, "peak_gib": peak_memory_gib(cpu),
-        "dtype": "float32",
+        "dtype": "float32", "augment": args.augment,
     }
 
 
@@ -348,7 +351,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="detection score threshold of both models (see above why 0)")
     parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
     parser.add_argument("--weight_decay", type=float, default=1e-4, help="SGD weight decay")
-    parser.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice)")
+    parser.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice; a data-loading worker has 1)")
+    parser.add_argument("--augment", nargs="+", choices=AUGMENTATIONS, default=[], metavar="NAME",
+                        help=f"data mode: train.py's augmentations beyond flips ({', '.join(AUGMENTATIONS)})")
     parser.add_argument("--output", help="also write the JSON records to this file, one per line")
     return parser.parse_args(argv)
 
