@@ -1,9 +1,13 @@
-"""Pascal VOC-style evaluation of a RetinaNet on a CSV-annotated dataset: per-class average precision at one IoU
-threshold (0.5 by default: VOC's metric, the AP50 of the paper's tables), per-class precision and recall at a score
-threshold, and one precision-recall curve per class.
+"""Pascal VOC-style evaluation of a RetinaNet on a CSV-annotated dataset or Pascal VOC XML files: per-class average
+precision at one IoU threshold (0.5 by default: VOC's metric, the AP50 of the paper's tables), per-class precision
+and recall at a score threshold, and one precision-recall curve per class.
 
     python csv_eval.py --csv_annotations val.csv --csv_classes classes.csv --model output/best.pt
+    python csv_eval.py --voc_path VOCdevkit/VOC2007 --set_name test --model output/best.pt   # 11-point AP
     python csv_eval.py ... --pr_curves pr_curves/      # also save a precision-recall plot per class
+
+On VOC data, difficult objects are neither hits nor misses, and VOC2007's test set is scored with the 11-point AP
+of its development kit (--no_voc07 for the all-point AP).
 
 How detections are matched and AP computed: retinanet/evaluation.py.
 """
@@ -12,26 +16,43 @@ import argparse
 import sys
 
 from retinanet.cli import add_inference_arguments, inference_options, run_script
-from retinanet.dataloader import CSVDataset
+from retinanet.dataloader import CSVDataset, DetectionDataset, VOCDataset
 from retinanet.evaluation import evaluate
-from retinanet.predict import predict_with_checkpoint
+from retinanet.predict import class_names_to_read, predict_with_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--csv_annotations", required=True, metavar="CSV", help="CSV annotations to evaluate on: path,x1,y1,x2,y2,class_name")
-    parser.add_argument("--csv_classes", required=True, metavar="CSV", help="CSV class list: class_name,id (as used for training)")
+    parser.add_argument("--csv_annotations", metavar="CSV", help="CSV annotations to evaluate on: path,x1,y1,x2,y2,class_name")
+    parser.add_argument("--csv_classes", metavar="CSV", help="CSV class list: class_name,id (as used for training; with --voc_path, default: the model's classes)")
+    parser.add_argument("--voc_path", nargs="+", metavar="ROOT", help="evaluate on Pascal VOC instead: VOC roots (e.g. VOCdevkit/VOC2007) or folders of XML files next to their images")
+    parser.add_argument("--set_name", default="test", help="with --voc_path: the set, ImageSets/Main/{set}.txt (default test)")
     parser.add_argument("--iou_threshold", type=float, default=0.5, help="IoU a detection needs to match a box (default 0.5)")
     parser.add_argument("--score_threshold", type=float, default=0.05, help="score at which per-class precision and recall are read; AP uses all detections")
-    parser.add_argument("--voc07", action="store_true", help="11-point AP of VOC2007 instead of the all-point AP of VOC2010+")
+    parser.add_argument("--voc07", action="store_const", const=True, default=None, help="11-point AP of VOC2007 instead of the all-point AP of VOC2010+ (the default on VOC2007's test set)")
+    parser.add_argument("--no_voc07", dest="voc07", action="store_false", default=None, help="the all-point AP on VOC2007's test set too")
     parser.add_argument("--pr_curves", metavar="DIR", help="save one precision-recall plot (PNG) per class into DIR")
     add_inference_arguments(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if (args.csv_annotations is None) == (args.voc_path is None):
+        parser.error("give either --csv_annotations CSV (with --csv_classes CSV) or --voc_path ROOT")
+    if args.csv_annotations and not args.csv_classes:
+        parser.error("--csv_annotations needs --csv_classes")
+    return args
+
+
+def build_dataset(args: argparse.Namespace) -> DetectionDataset:
+    """The dataset to evaluate on, read (and so checked) before the model is loaded; VOC classes are the model's
+    unless --csv_classes says otherwise."""
+    if args.csv_annotations:
+        return CSVDataset(args.csv_annotations, args.csv_classes)
+    return VOCDataset(args.voc_path, args.set_name, class_names_to_read(args.csv_classes, args.model))
 
 
 def run(args: argparse.Namespace) -> None:
-    dataset = CSVDataset(args.csv_annotations, args.csv_classes)  # check the annotations before loading the model
-    predictions = predict_with_checkpoint(args.model, dataset, args.csv_annotations, **inference_options(args))
+    dataset = build_dataset(args)
+    source = args.csv_annotations or f"VOC set {args.set_name} of {', '.join(args.voc_path)}"
+    predictions = predict_with_checkpoint(args.model, dataset, source, **inference_options(args))
     evaluate(predictions, dataset, iou_threshold=args.iou_threshold, score_threshold=args.score_threshold,
              use_07_metric=args.voc07, pr_curves_dir=args.pr_curves)
     if args.pr_curves is None:

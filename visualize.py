@@ -1,9 +1,13 @@
 """Draw a RetinaNet's detections on images: each predicted box in its class's colour with the class name and score,
-on the original image; on an annotated set, the ground truth next to the predictions.
+on the original image; on an annotated set, the ground truth next to the predictions. Or, without a model, draw
+what training sees: --augmented N draws the first N training samples as train.py's loop receives them, after
+resizing, flips and --augment, with their boxes.
 
     python visualize.py --model output/best.pt --images photos/ --output drawn/
     python visualize.py --model output/best.pt --dataset csv --csv_annotations val.csv --csv_classes classes.csv
     python visualize.py --model output/best.pt --dataset coco --coco_path /data/coco --set_name val2017 --limit 20
+    python visualize.py --model output/best.pt --dataset voc --voc_path VOCdevkit/VOC2007 --set_name test
+    python visualize.py --dataset voc --voc_path VOCdevkit/VOC2007 --augmented 16 --augment crop photometric
 
 Only detections with score >= --score_threshold (0.5 by default) are drawn: the paper's §4.1 inference keeps
 everything above 0.05 for the AP computation, far too many boxes to look at. JPEG images are saved as JPEG,
@@ -14,56 +18,93 @@ import argparse
 import os
 import sys
 
+from retinanet.augmentations import AUGMENTATIONS
 from retinanet.cli import add_inference_arguments, run_script
-from retinanet.dataloader import CocoDataset, CSVDataset, DetectionDataset
-from retinanet.drawing import image_folder_dataset, show_images, visualize_dataset
+from retinanet.dataloader import CocoDataset, CSVDataset, DetectionDataset, VOCDataset
+from retinanet.drawing import draw_training_samples, image_folder_dataset, show_images, visualize_dataset
 from retinanet.images import find_images
-from retinanet.predict import load_for_inference
+from retinanet.predict import class_names_to_read, load_for_inference
+from retinanet.transforms import MAX_SIZE, MIN_SIZE, build_transform
+
+# The set drawn when --set_name is not given: detections on the validation set, --augmented on the training set.
+DEFAULT_SETS = {"coco": ("val2017", "train2017"), "voc": ("test", "trainval")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The script's flags; exactly one of --images and --dataset, with the files that dataset needs."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", metavar="PATH_OR_FOLDER", help="an image file, or a folder of images, to detect on")
-    parser.add_argument("--dataset", choices=("csv", "coco"), help="detect on an annotated set instead, and draw its ground truth next to the predictions")
+    parser.add_argument("--dataset", choices=("csv", "coco", "voc"), help="detect on an annotated set instead, and draw its ground truth next to the predictions")
     parser.add_argument("--csv_annotations", metavar="CSV", help="with --dataset csv: annotations path,x1,y1,x2,y2,class_name")
-    parser.add_argument("--csv_classes", metavar="CSV", help="with --dataset csv: class list class_name,id (as used for training)")
+    parser.add_argument("--csv_classes", metavar="CSV", help="with --dataset csv: class list class_name,id (as used for training); with voc, optional (default: the model's classes, or with --augmented those train.py would take)")
     parser.add_argument("--coco_path", metavar="PATH", help="with --dataset coco: root holding annotations/instances_{set}.json")
-    parser.add_argument("--set_name", default="val2017", help="with --dataset coco: which set (default val2017)")
+    parser.add_argument("--voc_path", nargs="+", metavar="ROOT", help="with --dataset voc: VOC roots or folders of XML files next to their images")
+    parser.add_argument("--set_name", help="with --dataset coco or voc: which set (default val2017 or test; with --augmented, train2017 or trainval)")
+    parser.add_argument("--augmented", type=int, metavar="N", help="draw the first N training samples of a run (no model needed) after train.py's transforms: --min_size, --max_size, --jitter, --augment, with --seed and --batch_size as in training")
+    parser.add_argument("--augment", nargs="+", choices=AUGMENTATIONS, default=[], metavar="NAME", help=f"with --augmented: train.py's augmentations ({', '.join(AUGMENTATIONS)})")
+    parser.add_argument("--jitter", type=int, nargs=2, metavar=("MIN", "MAX"), help="with --augmented: train.py's scale jitter")
+    parser.add_argument("--seed", type=int, default=0, help="with --augmented: train.py's random seed (default 0)")
     parser.add_argument("--output", default="visualizations", metavar="DIR", help="where the drawn images are saved (default: visualizations)")
     parser.add_argument("--score_threshold", type=float, default=0.5, help="draw detections with at least this score (default 0.5)")
     parser.add_argument("--limit", type=int, metavar="N", help="draw only the first N images (default: all)")
     parser.add_argument("--show", action="store_true", help="also open the drawn images in matplotlib windows (needs a display)")
-    add_inference_arguments(parser)
+    add_inference_arguments(parser, model_required=False)
     args = parser.parse_args(argv)
     if (args.images is None) == (args.dataset is None):
-        parser.error("give either --images PATH_OR_FOLDER or --dataset csv|coco")
+        parser.error("give either --images PATH_OR_FOLDER or --dataset csv|coco|voc")
+    if (args.model is None) == (args.augmented is None):
+        parser.error("give either --model CHECKPOINT to draw its detections or --augmented N to draw training samples")
     if args.dataset == "csv" and not (args.csv_annotations and args.csv_classes):
         parser.error("--dataset csv needs --csv_annotations and --csv_classes")
     if args.dataset == "coco" and not args.coco_path:
         parser.error("--dataset coco needs --coco_path")
+    if args.dataset == "voc" and not args.voc_path:
+        parser.error("--dataset voc needs --voc_path")
     return args
+
+
+def chosen_set(args: argparse.Namespace) -> str:
+    """--set_name, or the dataset's validation set (its training set with --augmented)."""
+    return args.set_name or DEFAULT_SETS[args.dataset][args.augmented is not None]
 
 
 def build_dataset(args: argparse.Namespace) -> DetectionDataset:
     """The images to draw on, checked before the model is loaded; plain images get the model's classes later."""
+    if args.images is not None:
+        return image_folder_dataset(find_images(args.images), class_names=[])
     if args.dataset == "csv":
         return CSVDataset(args.csv_annotations, args.csv_classes)
     if args.dataset == "coco":
-        return CocoDataset(args.coco_path, args.set_name)
-    return image_folder_dataset(find_images(args.images), class_names=[])
+        return CocoDataset(args.coco_path, chosen_set(args))
+    return VOCDataset(args.voc_path, chosen_set(args), class_names_to_read(args.csv_classes, args.model))
 
 
-def run(args: argparse.Namespace) -> None:
-    """Load the images and the model, draw, save, and say where the drawings went."""
-    dataset = build_dataset(args)
+def draw_detections(args: argparse.Namespace, dataset: DetectionDataset) -> list[str]:
+    """Load the model and draw its detections on the dataset's images; returns the paths written."""
     model, _, device = load_for_inference(args.model, dataset, args.device, args.min_size, args.max_size)
-    source = args.images or args.csv_annotations or f"COCO {args.set_name}"
+    source = args.images or args.csv_annotations or f"{args.dataset.upper()} set {chosen_set(args)}"
     count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     print(f"drawing the detections of {args.model} with score >= {args.score_threshold:g} on {count} images of "
           f"{source} on {device}")
-    paths = visualize_dataset(model, dataset, dataset.class_names, args.output, score_threshold=args.score_threshold,
-                              limit=args.limit, batch_size=args.batch_size, workers=args.workers)
+    return visualize_dataset(model, dataset, dataset.class_names, args.output, score_threshold=args.score_threshold,
+                             limit=args.limit, batch_size=args.batch_size, workers=args.workers)
+
+
+def draw_augmented(args: argparse.Namespace, dataset: DetectionDataset) -> list[str]:
+    """Draw the first --augmented training samples of the dataset as train.py's loop receives them; returns the
+    paths written."""
+    jitter = tuple(args.jitter) if args.jitter else None
+    size = (args.min_size or MIN_SIZE, args.max_size or MAX_SIZE)
+    dataset.transform = build_transform(True, *size, jitter, args.augment)
+    print(f"drawing the first {args.augmented} training samples of a run with seed {args.seed} and batches of "
+          f"{args.batch_size}, augmented with {', '.join(args.augment) or 'flips only'}")
+    return draw_training_samples(dataset, args.augmented, args.output, args.batch_size, args.seed, args.workers)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Load the images (and the model), draw, save, and say where the drawings went."""
+    dataset = build_dataset(args)
+    paths = draw_augmented(args, dataset) if args.augmented is not None else draw_detections(args, dataset)
     print(f"saved {len(paths)} images to {os.path.abspath(args.output)}")
     if args.show:
         show_images(paths)

@@ -215,12 +215,15 @@ def clip_to_image(annotations: np.ndarray, height: int, width: int) -> tuple[np.
     return clipped, (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
 
 
-def clip_annotations(annotations: np.ndarray, height: int, width: int, image_path: str) -> np.ndarray:
-    """Clip (N, 5) boxes to the image; drop, with a warning naming the image, those left without area."""
+def clip_annotations(
+    annotations: np.ndarray, height: int, width: int, image_path: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Clip (N, 5) boxes to the image; drop, with a warning naming the image, those left without area. Returns the
+    boxes kept and the (N,) mask of those kept, for whatever else follows each box."""
     clipped, keep = clip_to_image(annotations, height, width)
     if not keep.all():
         warnings.warn(
             f"{image_path}: dropped {int((~keep).sum())} box(es) lying outside the {width}x{height} image",
             stacklevel=2,
         )
-    return clipped[keep]
+    return clipped[keep], keep

@@ -2,9 +2,11 @@
 its file and line or image, so that a user learns about row 80,412 before the first epoch, not hours into it.
 
     python train.py --dataset csv --csv_train train.csv --csv_classes classes.csv --check_data
+    python train.py --dataset voc --voc_path VOCdevkit/VOC2007 --check_data
 
-Errors stop training (a malformed row, an unknown class, a missing or undecodable image); warnings do not (a box
-reaching past the image is clipped, one entirely outside it dropped, as the datasets do while training).
+Errors stop training (a malformed row or XML file, an object without a box, an unknown class, a missing or
+undecodable image); warnings do not (a box reaching past the image is clipped, one entirely outside it dropped, as
+the datasets do while training).
 """
 
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +18,7 @@ from tqdm import tqdm
 from .annotations import clip_to_image, read_class_list, read_csv_annotations
 from .dataloader import CocoDataset
 from .images import read_rgb_image
+from .voc import VOCSet, boxes_of_files, read_voc_set, run_class_names
 
 
 class Problem(NamedTuple):
@@ -28,6 +31,7 @@ class ImageToCheck(NamedTuple):
     annotations: np.ndarray  # (N, 5) x1, y1, x2, y2, class index in the image's pixels
     where: str  # where the image is listed, e.g. "train.csv, line 12"
     expected_size: tuple[int, int] | None = None  # (height, width) the annotation file states, if any
+    box_lines: tuple[int, ...] = ()  # the line of each box in the annotation file, if it has one per box
 
 
 def check_image(image: ImageToCheck) -> list[Problem]:
@@ -41,10 +45,13 @@ def check_image(image: ImageToCheck) -> list[Problem]:
         problems.append(Problem(f"{image.where}: {image.path} is {width}x{height} pixels, the annotations say "
                                 f"{image.expected_size[1]}x{image.expected_size[0]}", fatal=False))
     clipped, keep = clip_to_image(image.annotations, height, width)
-    num_clipped = int((clipped != image.annotations).any(axis=1).sum())
-    if num_clipped:
-        problems.append(Problem(f"{image.where}: {image.path}: {num_clipped} box(es) reach past the {width}x{height} "
-                                f"image: clipped, {int((~keep).sum())} of them dropped (no area left)", fatal=False))
+    is_clipped = (clipped != image.annotations).any(axis=1)  # (N,)
+    if is_clipped.any():
+        lines = [line for line, clipped_box in zip(image.box_lines, is_clipped) if clipped_box]
+        where = f"{image.where}, line{'s' * (len(lines) > 1)} {', '.join(map(str, lines))}" if lines else image.where
+        problems.append(Problem(f"{where}: {image.path}: {int(is_clipped.sum())} box(es) reach past the "
+                                f"{width}x{height} image: clipped, {int((~keep).sum())} of them dropped (no area "
+                                f"left)", fatal=False))
     return problems
 
 
@@ -87,6 +94,21 @@ def check_coco(root: str, set_name: str, workers: int = 4) -> list[Problem]:
     return check_images(images, workers)
 
 
+def check_voc(voc_set: VOCSet, class_names: list[str], workers: int = 4) -> list[Problem]:
+    """Every problem of a VOC set: a missing set (it stops the check), each malformed XML file, object without a
+    name or a box, object of a class not in class_names, missing or undecodable image, box reaching past its
+    image, image of another size than its <size>."""
+    try:
+        parsed = read_voc_set(voc_set)
+    except ValueError as error:
+        return [Problem(str(error), fatal=True)]
+    boxes = boxes_of_files(parsed.files, class_names)
+    problems = [Problem(str(error), fatal=True) for error in parsed.errors + boxes.errors]
+    images = [ImageToCheck(file.image_path, annotations, file.xml_path, file.size, tuple(lines))
+              for file, annotations, lines in zip(parsed.files, boxes.annotations, boxes.lines)]
+    return problems + check_images(images, workers)
+
+
 def report(problems: list[Problem], what: str) -> bool:
     """Print every problem and a summary line; True if training can start (no errors)."""
     for problem in problems:
@@ -97,10 +119,18 @@ def report(problems: list[Problem], what: str) -> bool:
 
 
 def check_data(coco: tuple[str, list[str]] | None = None, csv_files: list[str] = (), class_list: str | None = None,
-               workers: int = 4) -> bool:
-    """Every problem of the sets a run would read: COCO sets (root, set names) or CSV files with their class list.
-    Prints them, with a summary line per set; True if training can start."""
+               workers: int = 4, voc: tuple[VOCSet, VOCSet | None] | None = None) -> bool:
+    """Every problem of the sets a run would read: COCO sets (root, set names), VOC training and validation sets
+    (with the class list, if any) or CSV files with their class list. Prints them, with a summary line per set;
+    True if training can start."""
     if coco is not None:
         root, set_names = coco
         return all([report(check_coco(root, name, workers), f"COCO set {name}") for name in set_names])
+    if voc is not None:
+        try:
+            class_names = run_class_names(class_list, voc)
+        except ValueError as error:
+            return report([Problem(str(error), fatal=True)], "VOC classes")
+        return all([report(check_voc(voc_set, class_names, workers), f"VOC set {voc_set.name} of "
+                           f"{', '.join(voc_set.roots)}") for voc_set in voc if voc_set is not None])
     return all([report(check_csv(path, class_list, workers), path) for path in csv_files])

@@ -1,18 +1,20 @@
-"""Detection datasets (CSV and COCO), batching and aspect-ratio grouping: the minibatches of images that paper §4.1
-"Optimization" trains on. A dataset reads each image (retinanet.images) and its boxes (retinanet.annotations) and
-passes both through the transforms of §4.1 (retinanet.transforms). Batches hold images of one orientation only
-(landscape or portrait), as in detectron2's aspect ratio grouping, so that little of a padded batch is padding.
+"""Detection datasets (CSV, COCO and Pascal VOC), batching and aspect-ratio grouping: the minibatches of images that
+paper §4.1 "Optimization" trains on. A dataset reads each image (retinanet.images) and its boxes
+(retinanet.annotations, retinanet.voc) and passes both through the transforms of §4.1 (retinanet.transforms).
+Batches hold images of one orientation only (landscape or portrait), as in detectron2's aspect ratio grouping, so
+that little of a padded batch is padding.
 
 An item of every dataset is a dict:
-    image:         (3, H, W) uint8, RGB, resized, maybe flipped (the model normalises it)
+    image:         (3, H, W) uint8, RGB, resized, maybe flipped and augmented (the model normalises it)
     annotations:   (N, 5) float32 rows x1, y1, x2, y2 (pixels of the resized image), class index 0..K-1
-    scale:         resized size / original size; boxes / scale are in the original image's pixels
+    difficult:     (N,) bool, the boxes evaluation neither counts as hits nor as misses (VOC's; training uses them)
+    scale:         resized size / original size; without augmentation, boxes / scale are in the original pixels
     index:         the dataset index
     original_size: (height, width) of the image file
 
 The training sampler asks for items by (index, seed): the item's random transforms then draw from a generator
 seeded with it, so that an item is the same whichever worker process loads it, and a resumed run sees the same
-flips and sizes as an uninterrupted one.
+flips, sizes and augmentations as an uninterrupted one.
 
 Legend for shapes: B batch, N boxes, H, W image size.
 """
@@ -28,9 +30,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .annotations import MAX_LISTED, clip_annotations, load_coco, read_class_list, read_csv_annotations
+from .annotations import MAX_LISTED, clip_annotations, clip_to_image, load_coco, read_class_list, read_csv_annotations
 from .images import read_image_size, read_rgb_image
-from .transforms import MEAN_COLOUR, DetectionTransform, Transform
+from .transforms import MEAN_COLOUR, DetectionTransform, Target, Transform
+from .voc import VOCSet, boxes_of_files, found_class_names, is_voc2007_test, read_voc_set
 
 PADDING_ROW = -1.0  # value of the annotation rows that collate adds; the loss skips rows with class < 0
 
@@ -47,9 +50,20 @@ def _raise_if_missing(source: str, paths: Sequence[str], where: Sequence[str]) -
         )
 
 
+def _raise_first(errors: Sequence[ValueError], what: str) -> None:
+    """Raise the first of the errors found reading annotations, saying how many more there are."""
+    if errors:
+        more = len(errors) - 1
+        hint = f" (and {more} more {what}: train.py --check_data lists them all)" if more else ""
+        raise ValueError(f"{errors[0]}{hint}") from errors[0]
+
+
 class DetectionDataset(Dataset):
-    """What every dataset here shares: image paths, (N, 5) annotations in original pixels, class names, and
-    `__getitem__`, which reads, clips, transforms and returns the item dict described in the module docstring."""
+    """What every dataset here shares: image paths, (N, 5) annotations in original pixels, (N,) difficult flags
+    (none by default), class names, and `__getitem__`, which reads, clips, transforms and returns the item dict
+    described in the module docstring."""
+
+    use_07_metric = False  # the AP its benchmark reports: VOC2007's test set is scored with the 11-point AP
 
     def __init__(
         self,
@@ -57,11 +71,13 @@ class DetectionDataset(Dataset):
         annotations: list[np.ndarray],
         class_names: list[str],
         transform: Transform | None = None,
+        difficult: list[np.ndarray] | None = None,
     ):
         self.image_paths = image_paths
         self.annotations = annotations
+        self.difficult = difficult if difficult is not None else [np.zeros(len(boxes), bool) for boxes in annotations]
         self.class_names = class_names
-        self.transform = transform if transform is not None else DetectionTransform()  # None: just normalise
+        self.transform = transform if transform is not None else DetectionTransform()  # None: as the file is
 
     @property
     def num_classes(self) -> int:
@@ -79,6 +95,10 @@ class DetectionDataset(Dataset):
         """(N, 5) float32 rows x1, y1, x2, y2, class index, in pixels of the image file, as annotated."""
         return self.annotations[index].copy()
 
+    def load_difficult(self, index: int) -> np.ndarray:
+        """(N,) bool: which boxes of load_annotations(index) evaluation neither counts as hits nor as misses."""
+        return self.difficult[index].copy()
+
     def aspect_ratio(self, index: int) -> float:
         """Width / height of the image file, read from its header."""
         width, height = read_image_size(self.image_paths[index])
@@ -90,21 +110,33 @@ class DetectionDataset(Dataset):
         path = self.image_paths[index]
         image = read_rgb_image(path)  # (3, H, W) uint8
         height, width = image.shape[1:]
-        annotations = clip_annotations(self.annotations[index], height, width, path)  # (N, 5)
+        annotations, keep = clip_annotations(self.annotations[index], height, width, path)  # (N, 5), (N_file,)
+        target = {"boxes": torch.from_numpy(annotations[:, :4]), "labels": torch.from_numpy(annotations[:, 4]).long(),
+                  "difficult": torch.from_numpy(self.difficult[index][keep])}
         with seeded_random(seed):
-            image, boxes, scale = self.transform(image, torch.from_numpy(annotations[:, :4]))
-        if boxes.shape != (len(annotations), 4) or image.dtype != torch.uint8:
-            raise ValueError(f"{path}: transform returned a {image.dtype} image and boxes of shape "
-                             f"{tuple(boxes.shape)} for {len(annotations)} boxes; a transform must return a uint8 "
-                             f"image and keep every box, in order")
-        labels = torch.from_numpy(annotations[:, 4:])  # (N, 1)
+            image, target, scale = self.transform(image, target)
+        annotations, difficult = inside_image(image, target, path)
         return {
             "image": image,
-            "annotations": torch.cat([boxes, labels], dim=1),  # (N, 4) + (N, 1) -> (N, 5)
+            "annotations": annotations,
+            "difficult": difficult,
             "scale": float(scale),
             "index": index,
             "original_size": (height, width),
         }
+
+
+def inside_image(image: torch.Tensor, target: Target, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A transform's output as an item's (N, 5) annotations and (N,) difficult flags: boxes clipped to the image,
+    those left without area dropped with their labels and flags, as for boxes of an annotation file."""
+    boxes, labels, difficult = target["boxes"], target["labels"], target["difficult"]
+    if image.dtype != torch.uint8 or boxes.shape != (len(labels), 4) or difficult.shape != labels.shape:
+        raise ValueError(f"{path}: transform returned a {image.dtype} image, boxes of shape {tuple(boxes.shape)}, "
+                         f"{len(labels)} labels and {len(difficult)} difficult flags; a transform must return a uint8 "
+                         f"image and one label and one flag per box, in the order of the boxes")
+    rows = torch.cat([boxes.float(), labels[:, None].float()], dim=1).numpy()  # (N, 4) + (N, 1) -> (N, 5)
+    clipped, keep = clip_to_image(rows, *image.shape[1:])
+    return torch.from_numpy(clipped[keep]), difficult[torch.from_numpy(keep)]
 
 
 @contextlib.contextmanager
@@ -134,10 +166,7 @@ class CSVDataset(DetectionDataset):
     def __init__(self, train_file: str, class_list: str, transform: Transform | None = None):
         class_names = read_class_list(class_list)
         parsed = read_csv_annotations(train_file, class_names)
-        if parsed.errors:
-            more = len(parsed.errors) - 1
-            hint = f" (and {more} more malformed row(s): train.py --check_data lists them all)" if more else ""
-            raise ValueError(f"{parsed.errors[0]}{hint}") from parsed.errors[0]
+        _raise_first(parsed.errors, "malformed row(s)")
         image_paths = list(parsed.boxes_of_image)
         _raise_if_missing(train_file, image_paths, [f"line {parsed.first_line[path]}" for path in image_paths])
         annotations = [np.array(boxes, dtype=np.float32).reshape(-1, 5) for boxes in parsed.boxes_of_image.values()]
@@ -195,6 +224,28 @@ class CocoDataset(DetectionDataset):
         return image_info["width"] / image_info["height"]
 
 
+class VOCDataset(DetectionDataset):
+    """Boxes from the Pascal VOC XML files of set `set_name` of one or more roots: VOC roots (e.g.
+    VOCdevkit/VOC2007, VOCdevkit/VOC2012) or folders of XML files next to their images (retinanet.voc). Classes:
+    `class_names` if given, else VOC's 20 when every name found is one of them, else the sorted names found
+    (train.py gives those of its training and validation sets: retinanet.voc.run_class_names).
+    Difficult boxes train as any other; evaluation neither counts them as hits nor as misses, with the 11-point AP
+    on VOC2007's test set. Malformed files and objects, unknown classes and missing images raise ValueError naming
+    the file and the line."""
+
+    def __init__(self, roots: Sequence[str], set_name: str, class_names: list[str] | None = None,
+                 transform: Transform | None = None):
+        voc_set = VOCSet(tuple(roots), set_name)
+        parsed = read_voc_set(voc_set)
+        class_names = list(class_names) if class_names is not None else found_class_names(parsed.files)
+        boxes = boxes_of_files(parsed.files, class_names)
+        _raise_first(parsed.errors + boxes.errors, "problem(s)")
+        image_paths = [file.image_path for file in parsed.files]
+        _raise_if_missing(f"VOC set {set_name!r}", image_paths, [file.xml_path for file in parsed.files])
+        super().__init__(image_paths, boxes.annotations, class_names, transform, boxes.difficult)
+        self.use_07_metric = is_voc2007_test(voc_set)
+
+
 # -------------------------------------------------------------------------------------------------- batching
 
 
@@ -203,9 +254,9 @@ def collate(batch: list[dict], size_divisible: int = 32) -> dict:
     colour, which the model's normalisation takes to about 0 (as padding after normalising would be), annotations
     padded with rows of -1 to the largest box count.
 
-    Returns {"images": (B, 3, Hp, Wp) uint8, "annotations": (B, Nmax, 5), "scales": (B,), "image_sizes": (B, 2) height
-    and width of each image inside the padded batch, "indices": list of B ints, "original_sizes": list of B
-    (height, width) of the image files}.
+    Returns {"images": (B, 3, Hp, Wp) uint8, "annotations": (B, Nmax, 5), "difficult": (B, Nmax) bool (False on
+    padding rows), "scales": (B,), "image_sizes": (B, 2) height and width of each image inside the padded batch,
+    "indices": list of B ints, "original_sizes": list of B (height, width) of the image files}.
     """
     if not batch:
         raise ValueError("collate got an empty batch")
@@ -217,13 +268,16 @@ def collate(batch: list[dict], size_divisible: int = 32) -> dict:
     images = torch.tensor(MEAN_COLOUR, dtype=torch.uint8).view(1, 3, 1, 1).repeat(
         len(batch), 1, padded_height, padded_width)  # (B, 3, Hp, Wp)
     annotations = torch.full((len(batch), max_boxes, 5), PADDING_ROW)  # (B, Nmax, 5)
+    difficult = torch.zeros(len(batch), max_boxes, dtype=torch.bool)  # (B, Nmax)
     for i, item in enumerate(batch):
         _, height, width = item["image"].shape
         images[i, :, :height, :width] = item["image"]  # (3, H, W) into the top-left of (3, Hp, Wp)
         annotations[i, : len(item["annotations"])] = item["annotations"]  # (N, 5) into the top of (Nmax, 5)
+        difficult[i, : len(item["difficult"])] = item["difficult"]  # (N,) into the start of (Nmax,)
     return {
         "images": images,
         "annotations": annotations,
+        "difficult": difficult,
         "scales": torch.tensor([item["scale"] for item in batch], dtype=torch.float32),  # (B,)
         "image_sizes": torch.tensor([item["image"].shape[1:] for item in batch]),  # (B, 2): each (H, W) unpadded
         "indices": [item["index"] for item in batch],

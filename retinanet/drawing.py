@@ -1,6 +1,7 @@
 """Drawing a detector's output (the paper's §4.1 "Inference": boxes, class labels and scores) on images: each box
 in its class's colour with the class name and score, on the original image; on an annotated set, the ground truth
-next to the predictions.
+next to the predictions. And drawing what training sees (§4.1 "Optimization"): the images and boxes of the
+training loop's batches, after their random transforms and augmentations.
 
 Legend for shapes: N boxes of one image, (3, H, W) an RGB image, h the height of a caption band.
 """
@@ -12,10 +13,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import nn
+from torch.utils.data import DataLoader
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
-from .dataloader import DetectionDataset
+from .dataloader import AspectRatioBatchSampler, DetectionDataset, collate
 from .images import read_rgb_image
 from .predict import predict_dataset
 from .transforms import Transform
@@ -43,10 +45,12 @@ def draw_boxes(
     labels: np.ndarray | torch.Tensor,
     class_names: list[str],
     scores: np.ndarray | torch.Tensor | None = None,
+    difficult: np.ndarray | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw boxes (N, 4) x1, y1, x2, y2 in the pixels of `image` (3, H, W) uint8, each outlined in the colour of
-    its class (class_colors) and labelled with the class name, and the score when `scores` (N,) is given.
-    Returns a new (3, H, W) uint8 image; `image` is left as it is."""
+    its class (class_colors) and labelled with the class name, and the score when `scores` (N,) is given, and
+    "difficult" for the boxes `difficult` (N,) bool marks. Returns a new (3, H, W) uint8 image; `image` is left as
+    it is."""
     labels = [int(label) for label in labels]
     if any(not 0 <= label < len(class_names) for label in labels):
         raise ValueError(f"labels {sorted(set(labels))} do not all index the {len(class_names)} class names")
@@ -56,6 +60,8 @@ def draw_boxes(
     texts = [class_names[label] for label in labels]
     if scores is not None:
         texts = [f"{text} {float(score):.2f}" for text, score in zip(texts, scores)]
+    if difficult is not None:
+        texts = [f"{text} difficult" if is_difficult else text for text, is_difficult in zip(texts, difficult)]
     height, width = image.shape[1:]
     line_width = max(MIN_LINE_WIDTH, round(max(height, width) / PIXELS_PER_LINE_WIDTH))
     boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)  # (N, 4)
@@ -164,6 +170,38 @@ def visualize_dataset(
                          annotations[index] if has_ground_truth else None)
         paths.append(save_image(picture, os.path.join(output_dir, name), image_paths[index]))
     return paths
+
+
+def draw_training_samples(
+    dataset: DetectionDataset, count: int, output_dir: str, batch_size: int = 8, seed: int = 0, workers: int = 0
+) -> list[str]:
+    """Save the first `count` samples of a training run with `seed` and `batch_size` (on one process) as its loop
+    receives them: the batches of the first epoch of train.py's sampler, each image after the random transforms of
+    `dataset.transform` seeded as in training, without its batch's padding, with its boxes (and difficult flags).
+    Returns the paths written, in training order."""
+    if count < 1:
+        raise ValueError(f"the number of samples to draw must be at least 1, got {count}")
+    aspect_ratios = [dataset.aspect_ratio(index) for index in range(len(dataset))]
+    sampler = AspectRatioBatchSampler(aspect_ratios, batch_size, shuffle=True, seed=seed, seed_items=True)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers)
+    indices, pictures = [], []
+    with tqdm(total=min(count, len(dataset)), desc="augmenting", unit="image") as progress:
+        for batch in loader:
+            for i, index in enumerate(batch["indices"][: count - len(pictures)]):
+                height, width = batch["image_sizes"][i].tolist()
+                rows = batch["annotations"][i, :, 4] >= 0  # (Nmax,): not the rows of -1 that pad the batch
+                boxes, labels = batch["annotations"][i, rows, :4], batch["annotations"][i, rows, 4]
+                image = batch["images"][i, :, :height, :width]  # (3, Hp, Wp) -> (3, H, W)
+                pictures.append(draw_boxes(image, boxes, labels, dataset.class_names,
+                                           difficult=batch["difficult"][i, rows]))
+                indices.append(index)
+                progress.update()
+            if len(pictures) == count:
+                break
+    os.makedirs(output_dir, exist_ok=True)
+    image_paths = [dataset.image_path(index) for index in indices]
+    return [save_image(picture, os.path.join(output_dir, name), path)
+            for picture, name, path in zip(pictures, output_names(image_paths), image_paths)]
 
 
 def show_images(paths: list[str]) -> None:

@@ -4,7 +4,9 @@ precision-recall curve per class.
 
 Matching follows the VOC development kit: the detections of a class over the whole set are taken by decreasing
 score; one is a true positive if the ground-truth box of its class it overlaps most in its image has
-IoU >= the threshold and no higher-scoring detection has matched that box yet, otherwise a false positive. AP is
+IoU >= the threshold and no higher-scoring detection has matched that box yet, otherwise a false positive. A
+detection whose box is a difficult one (VOC's `difficult` objects) is neither, and difficult boxes found or not
+count neither as hits nor as misses: they are left out of the curve and of the number of boxes to find. AP is
 the area under the precision envelope (all points, VOC2010 and later) or, with use_07_metric, the mean envelope
 precision at the 11 recall levels 0, 0.1, ..., 1 (VOC2007).
 
@@ -25,8 +27,11 @@ from torchvision.ops import box_iou
 from .annotations import clip_to_image
 from .dataloader import DetectionDataset
 
-# [image][class] -> array: detections (n, 5) x1, y1, x2, y2, score, or annotations (m, 4) x1, y1, x2, y2
+# [image][class] -> array: detections (n, 5) x1, y1, x2, y2, score, or annotations (m, 4) x1, y1, x2, y2, or (m, 5)
+# with a fifth column 1 for a difficult box, 0 for any other
 PerImagePerClass = list[list[np.ndarray]]
+# What matching makes of a detection
+FALSE_POSITIVE, TRUE_POSITIVE, ON_DIFFICULT = 0, 1, -1
 
 
 class PRCurve(NamedTuple):
@@ -35,30 +40,42 @@ class PRCurve(NamedTuple):
     scores: np.ndarray  # (n,) over all images
     precision: np.ndarray  # (n,) true positives / detections so far
     recall: np.ndarray  # (n,) true positives / num_annotations (0 if there are none)
-    num_annotations: int
+    num_annotations: int  # difficult boxes left out
 
 
 # ------------------------------------------------------------------------------------------------- matching
 
 
-def match_image(detections: np.ndarray, ground_truth: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """Which of one image's detections of one class, (n, 5) x1, y1, x2, y2, score, are true positives against its
-    (m, 4) ground-truth boxes of that class. Returns (n,) bool, in the order of `detections`."""
+def split_difficult(ground_truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(m, 4) boxes and (m,) bool difficult flags of ground truth given as (m, 4) or (m, 5) rows (see above)."""
+    rows = np.asarray(ground_truth, dtype=np.float64)
+    rows = rows.reshape(-1, rows.shape[-1] if rows.ndim == 2 else 4)  # an empty list: (0, 4)
+    return rows[:, :4], rows[:, 4:].any(axis=1)  # (m, 4), (m,): no fifth column, no difficult box
+
+
+def match_image(
+    detections: np.ndarray, ground_truth: np.ndarray, iou_threshold: float, difficult: np.ndarray
+) -> np.ndarray:
+    """What each of one image's detections of one class, (n, 5) x1, y1, x2, y2, score, is against its (m, 4)
+    ground-truth boxes of that class, of which `difficult` (m,) bool marks VOC's difficult ones: TRUE_POSITIVE,
+    FALSE_POSITIVE or ON_DIFFICULT. Returns (n,) int, in the order of `detections`."""
     detections = np.asarray(detections, dtype=np.float64).reshape(-1, 5)  # (n, 5)
     ground_truth = np.asarray(ground_truth, dtype=np.float64).reshape(-1, 4)  # (m, 4)
-    is_true_positive = np.zeros(len(detections), dtype=bool)
+    states = np.full(len(detections), FALSE_POSITIVE)
     if len(detections) == 0 or len(ground_truth) == 0:
-        return is_true_positive
+        return states
     ious = box_iou(torch.from_numpy(detections[:, :4]), torch.from_numpy(ground_truth)).numpy()  # (n, m)
     best_match = ious.argmax(axis=1)  # (n,) the ground-truth box each detection overlaps most
     is_matched = np.zeros(len(ground_truth), dtype=bool)
     for detection in np.argsort(-detections[:, 4], kind="stable"):  # by decreasing score
         box = best_match[detection]
-        if ious[detection, box] >= iou_threshold and not is_matched[box]:
+        if ious[detection, box] >= iou_threshold and difficult[box]:
+            states[detection] = ON_DIFFICULT  # neither a hit nor a miss, however many detections find the box
+        elif ious[detection, box] >= iou_threshold and not is_matched[box]:
             is_matched[box] = True
-            is_true_positive[detection] = True
+            states[detection] = TRUE_POSITIVE
         # else: a false positive, also when its best box was already matched (a duplicate detection)
-    return is_true_positive
+    return states
 
 
 def _check_inputs(detections: PerImagePerClass, annotations: PerImagePerClass) -> int:
@@ -79,13 +96,15 @@ def class_curve(
     detections: PerImagePerClass, annotations: PerImagePerClass, class_index: int, iou_threshold: float = 0.5
 ) -> PRCurve:
     """Precision and recall of one class after each of its detections over the whole set, by decreasing score."""
-    scores, hits = [], []
+    scores, hits, num_annotations = [], [], 0
     for image_detections, image_annotations in zip(detections, annotations):
         class_detections = np.asarray(image_detections[class_index], dtype=np.float64).reshape(-1, 5)  # (n, 5)
-        ground_truth = np.asarray(image_annotations[class_index], dtype=np.float64).reshape(-1, 4)  # (m, 4)
-        scores.append(class_detections[:, 4])
-        hits.append(match_image(class_detections, ground_truth, iou_threshold))
-    num_annotations = sum(len(image_annotations[class_index]) for image_annotations in annotations)
+        ground_truth, difficult = split_difficult(image_annotations[class_index])  # (m, 4), (m,)
+        states = match_image(class_detections, ground_truth, iou_threshold, difficult)
+        counted = states != ON_DIFFICULT
+        scores.append(class_detections[counted, 4])
+        hits.append(states[counted] == TRUE_POSITIVE)
+        num_annotations += int((~difficult).sum())
     scores = np.concatenate(scores)  # (n,) over all images
     order = np.argsort(-scores, kind="stable")  # stable: ties keep image order, as each image was matched
     true_positives = np.cumsum(np.concatenate(hits)[order])  # (n,)
@@ -140,7 +159,7 @@ def average_precisions(
     """{class k: (AP, number of annotated boxes)} for every class; a class without annotations has AP 0.
 
     detections[i][k]: (n, 5) x1, y1, x2, y2, score of image i's detections of class k;
-    annotations[i][k]: (m, 4) x1, y1, x2, y2 of its ground-truth boxes of class k.
+    annotations[i][k]: (m, 4) x1, y1, x2, y2 of its ground-truth boxes of class k, or (m, 5) with difficult flags.
     """
     return _average_precisions_of(precision_recall_curves(detections, annotations, iou_threshold), use_07_metric)
 
@@ -208,9 +227,11 @@ def detections_per_class(prediction: dict[str, np.ndarray], num_classes: int) ->
     return [rows[labels == k] for k in range(num_classes)]
 
 
-def annotations_per_class(annotations: np.ndarray, num_classes: int) -> list[np.ndarray]:
-    """Split one image's (N, 5) annotations x1, y1, x2, y2, class into K arrays (m, 4)."""
-    return [annotations[annotations[:, 4] == k, :4] for k in range(num_classes)]
+def annotations_per_class(annotations: np.ndarray, num_classes: int, difficult: np.ndarray) -> list[np.ndarray]:
+    """Split one image's (N, 5) annotations x1, y1, x2, y2, class and (N,) difficult flags into K arrays (m, 5)
+    x1, y1, x2, y2, difficult."""
+    rows = np.concatenate([annotations[:, :4], difficult[:, None]], axis=1)  # (N, 4) + (N, 1) -> (N, 5)
+    return [rows[annotations[:, 4] == k] for k in range(num_classes)]
 
 
 def save_pr_curves(
@@ -250,20 +271,22 @@ def evaluate(
     dataset: DetectionDataset,
     iou_threshold: float = 0.5,
     score_threshold: float = 0.05,
-    use_07_metric: bool = False,
+    use_07_metric: bool | None = None,
     pr_curves_dir: str | None = None,
 ) -> dict:
     """Score predict_dataset's predictions on `dataset`: print per-class AP, precision and recall and the mAP, and
     save precision-recall plots into pr_curves_dir if given. AP counts every detection the model returns (its own
     §4.1 threshold of 0.05 applies); score_threshold only sets where precision and recall are read. The ground
-    truth is clipped to each image as the predictions are, boxes left without area dropped (as in training).
+    truth is clipped to each image as the predictions are, boxes left without area dropped (as in training); its
+    difficult boxes are neither hits nor misses. use_07_metric None: the dataset's (dataset.use_07_metric).
 
     Returns {"mAP": float (NaN if no class has annotations), "per_class": DataFrame as class_metrics}.
     """
     num_classes = dataset.num_classes
+    use_07_metric = dataset.use_07_metric if use_07_metric is None else use_07_metric
     detections = [detections_per_class(prediction, num_classes) for prediction in predictions]
-    annotations = [annotations_per_class(clipped_ground_truth(dataset, i, prediction["image_size"]), num_classes)
-                   for i, prediction in enumerate(predictions)]
+    clipped = [clipped_ground_truth(dataset, i, prediction["image_size"]) for i, prediction in enumerate(predictions)]
+    annotations = [annotations_per_class(boxes, num_classes, difficult) for boxes, difficult in clipped]
     curves = precision_recall_curves(detections, annotations, iou_threshold)
     table = metrics_table(curves, score_threshold, dataset.class_names, use_07_metric)
     mean_ap = mean_average_precision(_average_precisions_of(curves, use_07_metric))
@@ -279,7 +302,10 @@ def evaluate(
     return {"mAP": mean_ap, "per_class": table}
 
 
-def clipped_ground_truth(dataset: DetectionDataset, index: int, image_size: tuple[int, int]) -> np.ndarray:
-    """(N, 5) annotations of an image clipped to its (height, width), without the boxes that lose all area."""
+def clipped_ground_truth(
+    dataset: DetectionDataset, index: int, image_size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 5) annotations of an image clipped to its (height, width), without the boxes that lose all area, and
+    their (N,) difficult flags."""
     clipped, keep = clip_to_image(dataset.load_annotations(index), *image_size)
-    return clipped[keep]
+    return clipped[keep], dataset.load_difficult(index)[keep]

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from torchvision.ops import clip_boxes_to_image
 from tqdm import tqdm
 
+from .annotations import read_class_list
 from .dataloader import AspectRatioBatchSampler, DetectionDataset, collate
 from .runtime import inference_autocast, resolve_device
 from .transforms import build_transform
@@ -112,6 +113,19 @@ def check_class_names(model_class_names: list[str], dataset_class_names: list[st
                       in enumerate(zip(model_class_names, dataset_class_names)) if model_name != dataset_name]
         raise ValueError(f"the model's class names differ from the dataset's (label, model, dataset): "
                          f"{mismatches[:5]}; labels are indices, so both class lists must be in the same order")
+
+
+def class_names_to_read(class_list: str | None, model_path: str | None) -> list[str] | None:
+    """The class names to read a VOC set with: the class list file's if given, else those the checkpoint at
+    model_path was trained with; None without either, or for a bare state dict (the set then takes the names it
+    finds, as train.py does)."""
+    if class_list:
+        return read_class_list(class_list)
+    if model_path is None:
+        return None
+    from .checkpoint import read_checkpoint  # the model code only here: the metrics need none
+
+    return read_checkpoint(model_path).get("class_names")
 
 
 class Inference(NamedTuple):

@@ -2,7 +2,8 @@
 pixels, the image scale of the paper's main models ("RetinaNet-800", §5.2 "Speed versus Accuracy"; Detectron caps
 the longer side at 1333), and "We use horizontal image flipping as the only form of data augmentation unless
 otherwise noted" (§4.1 "Optimization"); optional scale jitter draws the shorter side per training image, as for
-the paper's final COCO models (§5.3, Table 2). Images stay uint8, a quarter of the bytes of float32 on their way
+the paper's final COCO models (§5.3, Table 2), and opt-in augmentations beyond the paper's run around resize and
+flip (retinanet.augmentations). Images stay uint8, a quarter of the bytes of float32 on their way
 to the device; the model normalises them there with the ImageNet mean and std that the pretrained backbone
 expects (`normalize`).
 
@@ -14,12 +15,18 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .augmentations import Augmentation
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics torchvision's ImageNet backbones were trained with
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MEAN_COLOUR = tuple(round(255 * mean) for mean in IMAGENET_MEAN)  # (124, 116, 104), which normalize takes to ~0
+MIN_SIZE, MAX_SIZE = 800, 1333  # the shorter side of the paper's main models (§5.2), Detectron's cap of the longer
 
-# (image (3, H, W) uint8, boxes (N, 4)) -> (image, boxes, scale); see DetectionTransform
-Transform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, float]]
+# What a dataset passes through its transforms with an image: "boxes" (N, 4) float32 x1, y1, x2, y2 in its pixels,
+# and what follows each box: "labels" (N,) int64 class index, "difficult" (N,) bool (see retinanet.voc).
+Target = dict[str, torch.Tensor]
+# (image (3, H, W) uint8, target) -> (image, target, scale); see DetectionTransform
+Transform = Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target, float]]
 
 
 class Resize:
@@ -27,10 +34,11 @@ class Resize:
     is max_size (the paper's 800 pixels; Detectron's cap of 1333). min_size = (lo, hi) is scale jitter: the
     shorter side is drawn uniformly from the integers lo..hi for each image (training only).
 
-    Called on (image (3, H, W), boxes (N, 4)), returns (image, boxes, scale): boxes are multiplied by scale.
+    Called on (image (3, H, W), boxes (N, 4)), returns (image, boxes, scale): boxes are multiplied by scale, the
+    factor scale_for draws unless it is given.
     """
 
-    def __init__(self, min_size: int | tuple[int, int] = 800, max_size: int = 1333):
+    def __init__(self, min_size: int | tuple[int, int] = MIN_SIZE, max_size: int = MAX_SIZE):
         low, high = min_size if isinstance(min_size, Sequence) else (min_size, min_size)
         if not 0 < low <= high <= max_size:
             raise ValueError(f"need 0 < min_size <= max_size (min_size a size or a (lo, hi) range), got "
@@ -48,9 +56,11 @@ class Resize:
             scale = self.max_size / max(height, width)
         return scale
 
-    def __call__(self, image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def __call__(
+        self, image: torch.Tensor, boxes: torch.Tensor, scale: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
         height, width = image.shape[-2:]
-        scale = self.scale_for(height, width)
+        scale = self.scale_for(height, width) if scale is None else scale
         new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
         image = F.interpolate(
             image[None], size=(new_height, new_width), mode="bilinear", antialias=True, align_corners=False
@@ -90,31 +100,49 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
 
 
 class DetectionTransform:
-    """The whole pipeline of one item: resize (if any), then flip (if any).
+    """The whole pipeline of one item: the geometric augmentations (if any), resize (if any), flip (if any), and the
+    photometric augmentation (if any) before the resize if it enlarges the image, after the flip otherwise (see
+    retinanet.augmentations).
 
-    Called on (image (3, H, W) uint8, boxes (N, 4)), returns (image, boxes, scale), where scale is the resize factor
+    Called on (image (3, H, W) uint8, target), returns (image, target, scale), where scale is the resize factor
     (1.0 without a resize); the dataset reports it as item["scale"]. A custom `transform` given to a dataset must
-    follow the same contract: a uint8 image, and the boxes kept in number and order.
+    follow the same contract: a uint8 image, and a target whose labels and difficult flags follow their boxes (a box
+    it drops goes with its label and flag). Boxes may leave the image: the dataset then clips them to it and drops
+    those left without area, with their labels.
     """
 
-    def __init__(self, resize: Resize | None = None, flip: RandomHorizontalFlip | None = None):
+    def __init__(self, resize: Resize | None = None, flip: RandomHorizontalFlip | None = None,
+                 augmentation: Augmentation | None = None):
         self.resize = resize
         self.flip = flip
+        self.augmentation = augmentation
 
-    def __call__(self, image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-        scale = 1.0
+    def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target, float]:
+        if self.augmentation is not None:
+            image, target = self.augmentation.move(image, target)
+        boxes = target["boxes"]
+        scale = self.resize.scale_for(*image.shape[-2:]) if self.resize is not None else 1.0
+        # The photometric augmentation costs per pixel: it runs on the image before or after its resize, the smaller.
+        recolour_first = self.augmentation is not None and scale > 1
+        if recolour_first:
+            image = self.augmentation.recolour(image)
         if self.resize is not None:
-            image, boxes, scale = self.resize(image, boxes)
+            image, boxes, scale = self.resize(image, boxes, scale)
         if self.flip is not None:
             image, boxes = self.flip(image, boxes)
-        return image, boxes, scale
+        if self.augmentation is not None and not recolour_first:
+            image = self.augmentation.recolour(image)
+        return image, {**target, "boxes": boxes}, scale
 
 
 def build_transform(
-    train: bool, min_size: int = 800, max_size: int = 1333, jitter: tuple[int, int] | None = None
+    train: bool, min_size: int = MIN_SIZE, max_size: int = MAX_SIZE, jitter: tuple[int, int] | None = None,
+    augment: Sequence[str] = (),
 ) -> DetectionTransform:
-    """Training: resize (to min_size, or a shorter side drawn from the jitter range) + flip. Evaluation: resize to
-    min_size; jitter is a training setting and does not apply."""
+    """Training: the augmentations named in `augment` (retinanet.augmentations.AUGMENTATIONS) + resize (to min_size,
+    or a shorter side drawn from the jitter range) + flip. Evaluation: resize to min_size; jitter and augment are
+    training settings and do not apply."""
     if train:
-        return DetectionTransform(Resize(jitter or min_size, max_size), RandomHorizontalFlip(0.5))
+        augmentation = Augmentation(augment, fill=MEAN_COLOUR) if augment else None
+        return DetectionTransform(Resize(jitter or min_size, max_size), RandomHorizontalFlip(0.5), augmentation)
     return DetectionTransform(Resize(min_size, max_size))

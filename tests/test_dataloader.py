@@ -9,8 +9,9 @@ from retinanet.transforms import MEAN_COLOUR
 
 
 def item(height, width, boxes, index, scale=1.0):
-    return {"image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8), "annotations": torch.tensor(boxes, dtype=torch.float32).view(-1, 5),
-            "scale": scale, "index": index, "original_size": (height * 2, width * 2)}
+    annotations = torch.tensor(boxes, dtype=torch.float32).view(-1, 5)
+    return {"image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8), "annotations": annotations,
+            "difficult": annotations[:, 4] == 1, "scale": scale, "index": index, "original_size": (height * 2, width * 2)}
 
 
 def test_collate_pads_images_to_multiples_of_32_and_annotations_with_minus_one():
@@ -26,6 +27,7 @@ def test_collate_pads_images_to_multiples_of_32_and_annotations_with_minus_one()
     assert batch["annotations"].shape == (2, 2, 5)
     torch.testing.assert_close(batch["annotations"][0], first["annotations"])
     torch.testing.assert_close(batch["annotations"][1], torch.full((2, 5), -1.0))
+    assert batch["difficult"].tolist() == [[False, True], [False, False]]  # class 1 marked difficult here
     torch.testing.assert_close(batch["scales"], torch.tensor([0.5, 2.0]))
     assert batch["indices"] == [7, 3] and batch["original_sizes"] == [(100, 140), (128, 66)]
 

@@ -189,8 +189,10 @@ def test_an_unusable_device_is_a_message_not_a_traceback(tmp_path):
 
 
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
-    # 4 iterations, 3 per epoch, with scale jitter and flips; the same lr schedule whatever the run's length.
-    schedule = ["--jitter", "64", "96", "--warmup_iters", "2", "--milestones", "3", "--loss_normalizer", "ema"]
+    # 4 iterations, 3 per epoch, with scale jitter, flips and augmentations; the same lr schedule whatever the run's
+    # length.
+    schedule = ["--jitter", "64", "96", "--warmup_iters", "2", "--milestones", "3", "--loss_normalizer", "ema",
+                "--augment", "photometric", "zoom_out", "crop", "rot90", "vflip"]
     assert train.main(tiny_run_flags(tmp_path / "straight", "--iters", "4", *schedule)) == 0
     # Stopped at iteration 2, mid-epoch, then resumed with a data loading process instead of none.
     assert train.main(tiny_run_flags(tmp_path / "stopped", "--iters", "2", *schedule)) == 0

@@ -10,7 +10,10 @@ from torch import nn
 
 import visualize
 from retinanet import drawing
-from retinanet.dataloader import CSVDataset
+from retinanet.dataloader import AspectRatioBatchSampler, CSVDataset, VOCDataset
+from retinanet.images import read_rgb_image
+from retinanet.transforms import build_transform
+from test_voc import voc_xml
 
 CLASS_NAMES = ["cat", "dog", "cow"]
 GRAY = 100  # the value of every pixel of the synthetic images
@@ -172,6 +175,8 @@ def test_missing_or_empty_folder_exits_with_status_2_and_no_traceback(tmp_path, 
     ["--model", "x.pt", "--images", "in", "--dataset", "csv", "--csv_annotations", "a", "--csv_classes", "b"],
     ["--model", "x.pt", "--dataset", "csv", "--csv_annotations", "val.csv"],
     ["--model", "x.pt", "--dataset", "coco"],
+    ["--augmented", "4", "--dataset", "voc"],  # no --voc_path
+    ["--augmented", "4", "--model", "x.pt", "--images", "in"],  # training samples are drawn without a model
 ])
 def test_incomplete_or_contradictory_flags_are_refused(argv):
     with pytest.raises(SystemExit) as exit_info:
@@ -185,3 +190,39 @@ def test_bad_threshold_and_limit_are_value_errors(tmp_path):
         drawing.visualize_dataset(FixedDetector().eval(), dataset, CLASS_NAMES, str(tmp_path / "out"), 1.5)
     with pytest.raises(ValueError, match="limit"):
         drawing.visualize_dataset(FixedDetector().eval(), dataset, CLASS_NAMES, str(tmp_path / "out"), limit=0)
+
+
+def test_augmented_draws_the_first_training_samples_as_the_loop_receives_them(tmp_path, capsys):
+    # A LabelImg folder: two landscape images with boxes (one difficult) and a portrait one without. With batches of
+    # 2 at seed 4, the first batch of train.py's sampler holds the two landscape images, each with its seed.
+    save_gray(tmp_path / "voc" / "a.png", 40, 30)
+    save_gray(tmp_path / "voc" / "b.png", 36, 30)
+    save_gray(tmp_path / "voc" / "c.png", 30, 44)
+    (tmp_path / "voc" / "a.xml").write_text(voc_xml("a.png", [("cat", (3, 4, 20, 25), 0, 0)], 40, 30))
+    (tmp_path / "voc" / "b.xml").write_text(voc_xml("b.png", [("dog", (6, 6, 30, 20), 1, 0)], 36, 30))
+    (tmp_path / "voc" / "c.xml").write_text(voc_xml("c.png", [], 30, 44))
+    argv = ["--dataset", "voc", "--voc_path", str(tmp_path / "voc"), "--augmented", "2", "--augment", "rot90",
+            "vflip", "--min_size", "30", "--max_size", "60", "--batch_size", "2", "--seed", "4", "--output",
+            str(tmp_path / "drawn")]
+    assert visualize.main(argv) == 0
+    assert "saved 2 images" in capsys.readouterr().out
+    transform = build_transform(True, 30, 60, augment=["rot90", "vflip"])
+    dataset = VOCDataset([str(tmp_path / "voc")], "trainval", transform=transform)
+    sampler = AspectRatioBatchSampler([dataset.aspect_ratio(i) for i in range(3)], 2, seed=4, seed_items=True)
+    first_batch = next(iter(sampler))
+    assert sorted(index for index, _ in first_batch) == [0, 1]
+    assert sorted(path.name for path in (tmp_path / "drawn").iterdir()) == ["a.png", "b.png"]
+    for index, seed in first_batch:
+        item = dataset[(index, seed)]
+        expected = drawing.draw_boxes(item["image"], item["annotations"][:, :4], item["annotations"][:, 4],
+                                      dataset.class_names, difficult=item["difficult"])
+        drawn = read_rgb_image(str(tmp_path / "drawn" / "ab"[index]) + ".png")
+        assert torch.equal(drawn, expected)  # pixel for pixel, the boxes where training has them
+
+
+def test_difficult_boxes_are_labelled_so():
+    plain = drawing.draw_boxes(gray_image(), np.array([[10.0, 20.0, 50.0, 56.0]]), np.array([1]), CLASS_NAMES)
+    marked = drawing.draw_boxes(gray_image(), np.array([[10.0, 20.0, 50.0, 56.0]]), np.array([1]), CLASS_NAMES,
+                                difficult=np.array([True]))
+    assert torch.equal(plain[:, 40:], marked[:, 40:])  # the same outline
+    assert (marked[:, 20:32, 10:50] != plain[:, 20:32, 10:50]).any()  # a longer label: "dog difficult"

@@ -9,9 +9,9 @@ Measurements, one process, one run (each prints one JSON line; a table with the 
              (bf16 is emulated there) and with --no_amp.
 - infer_b1:  latency at batch 1, post-processing (top-k, decoding, NMS) included.
 - infer_b8:  images/s at batch 8, likewise.
-- data:      images/s of one data-loading worker: JPEG decoding, resize, flip, normalisation (CSVDataset with
-             build_transform) and collate, on JPEG files of COCO-like size (640x480) written from scikit-image's
-             photos.
+- data:      images/s of one data-loading worker: JPEG decoding, resize, flip, the augmentations of --augment
+             (CSVDataset with build_transform) and collate, on JPEG files of COCO-like size (640x480) written from
+             scikit-image's photos, with 1 to 15 boxes each.
 Each step is timed alone, on a GPU with CUDA events; "ms" is the median step and img_per_s is batch size / median,
 steady on a busy machine. "host_waits" counts, in one extra untimed step, the operations that make the host wait
 for a GPU (reads of values, sizes only the device knows, boolean masks, tensors made from host data; HostWaits).
@@ -27,6 +27,7 @@ Both normalise their input inside the model (ours takes the uint8 images, torchv
 
     python tools/benchmark.py --device cpu --depth 18 --image_size 256 256 --batch_size 4
     python tools/benchmark.py --device cuda --depth 50 --image_size 800 1216 --batch_size 8
+    python tools/benchmark.py --modes data --image_size 800 1333 --threads 1 --augment photometric zoom_out crop rot90 vflip
 """
 
 import argparse
@@ -57,6 +58,7 @@ from tqdm import tqdm
 # Run as a script (python tools/benchmark.py), Python puts tools/ on the path, not the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from retinanet.augmentations import AUGMENTATIONS  # noqa: E402
 from retinanet.dataloader import CSVDataset, collate  # noqa: E402
 from retinanet.model import build_retinanet  # noqa: E402
 from retinanet.optimization import build_optimizer  # noqa: E402
@@ -320,7 +322,8 @@ def measure_data(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         annotation_file, class_file = write_jpeg_dataset(folder, num_batches * args.batch_size, args.num_classes)
         # The training transform, resized as the models' input: shorter side min(H, W), longer at most max(H, W).
-        transform = build_transform(train=True, min_size=min(args.image_size), max_size=max(args.image_size))
+        transform = build_transform(train=True, min_size=min(args.image_size), max_size=max(args.image_size),
+                                    augment=args.augment)
         dataset = CSVDataset(annotation_file, class_file, transform=transform)
         loader = iter(DataLoader(dataset, batch_size=args.batch_size, num_workers=0, collate_fn=collate))
         reset_peak_memory(cpu)
@@ -328,7 +331,7 @@ def measure_data(args: argparse.Namespace) -> dict:
     return {
         "impl": "ours", "mode": "data", "memory_format": "-", "batch_size": args.batch_size,
         "img_per_s": args.batch_size / seconds, "ms": 1000 * seconds, "peak_gib": peak_memory_gib(cpu),
-        "host_waits": 0, "dtype": "uint8",
+        "host_waits": 0, "dtype": "uint8", "augment": args.augment,
     }
 
 
@@ -371,7 +374,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="detection score threshold of both models (see above why 0)")
     parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
     parser.add_argument("--weight_decay", type=float, default=1e-4, help="SGD weight decay")
-    parser.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice)")
+    parser.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice; a data-loading worker has 1)")
+    parser.add_argument("--augment", nargs="+", choices=AUGMENTATIONS, default=[], metavar="NAME",
+                        help=f"data mode: train.py's augmentations beyond flips ({', '.join(AUGMENTATIONS)})")
     parser.add_argument("--output", help="also write the JSON records to this file, one per line")
     return parser.parse_args(argv)
 
