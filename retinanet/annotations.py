@@ -88,16 +88,22 @@ def read_class_list(path: str) -> list[str]:
     return sorted(id_of_name, key=id_of_name.get)
 
 
-def _parse_annotation_row(
-    path: str, line: int, row: list[str], class_index: dict[str, int]
-) -> tuple[str, list[float] | None]:
-    """One row `path,x1,y1,x2,y2,class_name` -> (image path, [x1, y1, x2, y2, class index]); the box is None
-    for `path,,,,,`, an image without objects."""
+def _split_annotation_row(path: str, line: int, row: list[str]) -> tuple[str, list[str]]:
+    """One row `path,x1,y1,x2,y2,class_name` -> (image path, its 5 other fields), if it has 6 columns and a path."""
     if len(row) != 6:
         raise _csv_error(path, line, f"{len(row)} columns, expected 6: {ANNOTATION_COLUMNS}")
     image, *fields = row
     if not image:
         raise _csv_error(path, line, f"empty image path; expected {ANNOTATION_COLUMNS}")
+    return image, fields
+
+
+def _parse_annotation_row(
+    path: str, line: int, row: list[str], class_index: dict[str, int]
+) -> tuple[str, list[float] | None]:
+    """One row `path,x1,y1,x2,y2,class_name` -> (image path, [x1, y1, x2, y2, class index]); the box is None
+    for `path,,,,,`, an image without objects."""
+    image, fields = _split_annotation_row(path, line, row)
     if not any(fields):
         return image, None
     if not all(fields):
@@ -147,6 +153,16 @@ def read_csv_annotations(train_file: str, class_names: list[str]) -> CSVAnnotati
         if box is not None:
             parsed.boxes_of_image[image_path].append(box)
     return parsed
+
+
+def read_csv_image_paths(train_file: str) -> list[str]:
+    """The images of a CSV annotation file, each once, in the order they first appear, their paths resolved as
+    read_csv_annotations resolves them. Only the path column is read: the file may be annotated with any classes.
+    A row without 6 columns or without a path raises ValueError naming the file and line."""
+    folder = os.path.dirname(os.path.abspath(train_file))
+    rows = _read_csv_rows(train_file, ANNOTATION_COLUMNS)
+    image_paths = [os.path.join(folder, _split_annotation_row(train_file, line, row)[0]) for line, row in rows]
+    return list(dict.fromkeys(image_paths))
 
 
 # ------------------------------------------------------------------------------------------------------ COCO

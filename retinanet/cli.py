@@ -9,14 +9,15 @@ from typing import Any
 from .runtime import error_message
 
 
-def add_inference_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
-    """The flags of every script that runs a trained model: the checkpoint, image size, batching and device."""
+def add_inference_arguments(parser: argparse.ArgumentParser, model_required: bool = True, workers: int = 0) -> None:
+    """The flags of every script that runs a trained model: the checkpoint, image size, batching and device;
+    `workers` is the default of --workers."""
     parser.add_argument("--model", required=model_required, metavar="CHECKPOINT", help="checkpoint written by train.py, or a bare state dict")
     parser.add_argument("--batch_size", type=int, default=8, help="images per inference batch (default 8)")
     parser.add_argument("--min_size", type=int, help="shorter image side after resizing (default: as in training; 608 for a bare state dict, as yhenon's)")
     parser.add_argument("--max_size", type=int, help="longest image side after resizing (default: as in training; 1024 for a bare state dict, as yhenon's)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--workers", type=int, default=0, help="image loading processes (default 0: load in this process)")
+    parser.add_argument("--workers", type=int, default=workers, help=f"image loading processes (default {workers}; 0: load in this process)")
 
 
 def inference_options(args: argparse.Namespace) -> dict:

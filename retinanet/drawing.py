@@ -163,11 +163,26 @@ def visualize_dataset(
     has_ground_truth = any(len(dataset.load_annotations(index)) for index in range(len(dataset)))
     subset = DetectionDataset(image_paths, annotations, dataset.class_names, dataset.transform)
     predictions = predict_dataset(model, subset, batch_size=batch_size, workers=workers)
+    return draw_predictions(image_paths, predictions, class_names, output_dir, score_threshold,
+                            annotations if has_ground_truth else None)
+
+
+def draw_predictions(
+    image_paths: list[str],
+    predictions: list[dict[str, np.ndarray]],
+    class_names: list[str],
+    output_dir: str,
+    score_threshold: float = 0.5,
+    annotations: list[np.ndarray] | None = None,
+) -> list[str]:
+    """Save each image into output_dir (named by output_names) with its predictions (boxes in its pixels) of score
+    >= score_threshold drawn on it, next to its (N, 5) annotations where given (see render). Returns the paths
+    written, in order."""
     os.makedirs(output_dir, exist_ok=True)
     paths = []
     for index, name in enumerate(tqdm(output_names(image_paths), desc="drawing", unit="image")):
         picture = render(read_rgb_image(image_paths[index]), predictions[index], class_names, score_threshold,
-                         annotations[index] if has_ground_truth else None)
+                         annotations[index] if annotations is not None else None)
         paths.append(save_image(picture, os.path.join(output_dir, name), image_paths[index]))
     return paths
 

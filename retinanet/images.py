@@ -66,14 +66,20 @@ def read_rgb_image(path: str) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()  # (H, W, 3) -> (3, H, W)
 
 
-def find_images(path: str) -> list[str]:
-    """[path] for an image file; the image files (IMAGE_EXTENSIONS) directly in a folder, sorted by name."""
+def find_images(path: str, recursive: bool = False) -> list[str]:
+    """[path] for an image file; for a folder, the image files (IMAGE_EXTENSIONS) in it, and with `recursive` also
+    those in its subfolders, sorted by path."""
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
         raise ValueError(f"{path}: no such image file or folder")
-    names = sorted(name for name in os.listdir(path) if name.lower().endswith(IMAGE_EXTENSIONS))
-    image_paths = [os.path.join(path, name) for name in names if os.path.isfile(os.path.join(path, name))]
+    if recursive:
+        candidates = [os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names]
+    else:
+        candidates = [os.path.join(path, name) for name in os.listdir(path)]
+    image_paths = sorted(file for file in candidates
+                         if file.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(file))
     if not image_paths:
-        raise ValueError(f"{path}: no images found in this folder (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        where = "this folder or its subfolders" if recursive else "this folder"
+        raise ValueError(f"{path}: no images found in {where} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return image_paths

@@ -59,17 +59,23 @@ class Resize:
     def __call__(
         self, image: torch.Tensor, boxes: torch.Tensor, scale: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
-        height, width = image.shape[-2:]
-        scale = self.scale_for(height, width) if scale is None else scale
-        new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
-        image = F.interpolate(
-            image[None], size=(new_height, new_width), mode="bilinear", antialias=True, align_corners=False
-        )[0]  # (1, 3, H, W) -> (3, H', W')
+        scale = self.scale_for(*image.shape[-2:]) if scale is None else scale
+        image = resize_image(image, scale)
+        new_height, new_width = image.shape[-2:]
         boxes = boxes * scale
         # Rounding the image size can cut up to half a pixel off the far edges; keep boxes inside the image.
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, new_width)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, new_height)
         return image, boxes, scale
+
+
+def resize_image(image: torch.Tensor, scale: float) -> torch.Tensor:
+    """A (3, H, W) image resized by `scale`, its sides rounded to whole pixels (at least 1): (3, H', W'). Bilinear
+    with antialiasing, so that a large downscale averages pixels instead of skipping them."""
+    height, width = image.shape[-2:]
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return F.interpolate(image[None], size=size, mode="bilinear", antialias=True,
+                         align_corners=False)[0]  # (1, 3, H, W) -> (3, H', W')
 
 
 class RandomHorizontalFlip:
