@@ -29,7 +29,7 @@ from retinanet.augmentations import AUGMENTATIONS
 from retinanet.check import check_data
 from retinanet.checkpoint import checkpoint_settings, model_from_checkpoint, read_checkpoint, resumed_settings
 from retinanet.checkpoint import restore_training_state, save_checkpoint, training_state
-from retinanet.cli import run_script
+from retinanet.cli import require_dataset_flags, run_script
 from retinanet.coco_evaluation import evaluate_coco
 from retinanet.dataloader import AspectRatioBatchSampler, CocoDataset, CSVDataset, VOCDataset, collate
 from retinanet.drawing import visualize_dataset
@@ -71,12 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_optimization_arguments(parser.add_argument_group("optimization"))
     add_run_arguments(parser.add_argument_group("run"))
     args = parser.parse_args(argv)
-    if args.dataset == "csv" and not (args.csv_train and args.csv_classes):
-        parser.error("--dataset csv needs --csv_train and --csv_classes")
-    if args.dataset == "coco" and not args.coco_path:
-        parser.error("--dataset coco needs --coco_path")
-    if args.dataset == "voc" and not args.voc_path:
-        parser.error("--dataset voc needs --voc_path")
+    require_dataset_flags(parser, args, {"csv": ("csv_train", "csv_classes"), "coco": ("coco_path",),
+                                         "voc": ("voc_path",)})
     if args.resume and args.fine_tune:
         parser.error("--resume and --fine_tune exclude each other: resume continues a run, fine_tune starts a new one")
     if args.jitter and args.jitter[0] > args.jitter[1]:

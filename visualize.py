@@ -19,7 +19,7 @@ import os
 import sys
 
 from retinanet.augmentations import AUGMENTATIONS
-from retinanet.cli import add_inference_arguments, run_script
+from retinanet.cli import add_inference_arguments, require_dataset_flags, run_script
 from retinanet.dataloader import CocoDataset, CSVDataset, DetectionDataset, VOCDataset
 from retinanet.drawing import draw_training_samples, image_folder_dataset, show_images, visualize_dataset
 from retinanet.images import find_images
@@ -54,12 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("give either --images PATH_OR_FOLDER or --dataset csv|coco|voc")
     if (args.model is None) == (args.augmented is None):
         parser.error("give either --model CHECKPOINT to draw its detections or --augmented N to draw training samples")
-    if args.dataset == "csv" and not (args.csv_annotations and args.csv_classes):
-        parser.error("--dataset csv needs --csv_annotations and --csv_classes")
-    if args.dataset == "coco" and not args.coco_path:
-        parser.error("--dataset coco needs --coco_path")
-    if args.dataset == "voc" and not args.voc_path:
-        parser.error("--dataset voc needs --voc_path")
+    require_dataset_flags(parser, args, {"csv": ("csv_annotations", "csv_classes"), "coco": ("coco_path",),
+                                         "voc": ("voc_path",)})
     return args
 
 

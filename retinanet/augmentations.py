@@ -5,8 +5,9 @@ little for a user's few hundred, and wrong for aerial or microscopy images, whic
 Built on torchvision.transforms.v2, which moves boxes (tv_tensors.BoundingBoxes) with their pixels; the labels and
 difficult flags of the boxes pass through untouched, in box order. The geometric augmentations run before the
 resize of retinanet.transforms (so that the image they make is resized to the model's size), the photometric one
-on the image before or after the resize, whichever is smaller (its cost is per pixel). A box that leaves the image is then clipped to it,
-and dropped with its label when no area is left, as for boxes of an annotation file (annotations.clip_to_image):
+on the image before or after the resize, whichever is smaller (its cost is per pixel). A box that leaves the image
+is then clipped to it, and dropped with its label when no area is left, as for boxes of an annotation file
+(annotations.clip_to_image):
 the dataset does that after every transform. Random numbers come from torch's global generator, which the
 datasets seed per item, so that a resumed run sees the same augmentation.
 """

@@ -25,6 +25,14 @@ def inference_options(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in ("device", "min_size", "max_size", "batch_size", "workers")}
 
 
+def require_dataset_flags(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                          needed: dict[str, tuple[str, ...]]) -> None:
+    """End with argparse's usage message unless the flags that args.dataset needs (`needed[dataset]`) are given."""
+    flags = needed.get(args.dataset, ())
+    if not all(getattr(args, flag) for flag in flags):
+        parser.error(f"--dataset {args.dataset} needs " + " and ".join(f"--{flag}" for flag in flags))
+
+
 def run_script(
     run: Callable[[Any], int | None],
     args: Any,

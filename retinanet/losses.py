@@ -114,7 +114,8 @@ def match_batch(
     return matches
 
 
-def match_anchors(anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_valid: torch.Tensor, **match_kwargs) -> torch.Tensor:
+def match_anchors(anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_valid: torch.Tensor,
+                  **match_kwargs) -> torch.Tensor:
     """match_batch for one image: (R, 4) anchors, (G, 4) boxes and (G,) valid flags -> (R,) int64."""
     return match_batch(anchors, gt_boxes[None], gt_valid[None], **match_kwargs)[0]
 
