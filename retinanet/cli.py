@@ -9,14 +9,27 @@ from typing import Any
 from .runtime import error_message
 
 
-def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+def add_inference_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
     """The flags of every script that runs a trained model: the checkpoint, image size, batching and device."""
-    parser.add_argument("--model", required=True, metavar="CHECKPOINT", help="checkpoint written by train.py, or a bare state dict")
+    parser.add_argument("--model", required=model_required, metavar="CHECKPOINT", help="checkpoint written by train.py, or a bare state dict")
     parser.add_argument("--batch_size", type=int, default=8, help="images per inference batch (default 8)")
     parser.add_argument("--min_size", type=int, help="shorter image side after resizing (default: as in training; 608 for a bare state dict, as yhenon's)")
     parser.add_argument("--max_size", type=int, help="longest image side after resizing (default: as in training; 1024 for a bare state dict, as yhenon's)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--workers", type=int, default=0, help="image loading processes (default 0: load in this process)")
+
+
+def add_anchor_arguments(parser: argparse.ArgumentParser) -> None:
+    """The anchors' flags (§4 "Anchors"), model settings of the same names (settings.py)."""
+    parser.add_argument("--anchor_sizes", type=float, nargs=5, metavar="SIZE", help="anchor size on P3..P7 (paper: 32 64 128 256 512)")
+    parser.add_argument("--anchor_scales", type=float, nargs="+", metavar="SCALE", help="anchor scales per level (paper: 1 1.26 1.587, 2^0, 2^(1/3), 2^(2/3))")
+    parser.add_argument("--anchor_ratios", type=float, nargs="+", metavar="H/W", help="anchor aspect ratios, height / width (paper: 0.5 1 2)")
+
+
+def typed_settings(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
+    """The model settings among `names` that flags of the same names set (those not None), lists as tuples."""
+    typed = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return {name: tuple(value) if isinstance(value, list) else value for name, value in typed.items()}
 
 
 def inference_options(args: argparse.Namespace) -> dict:
