@@ -216,9 +216,9 @@ def coverage_report(coverage: Coverage, class_names: list[str], jitter: tuple[in
     summary line `anchor coverage: NN.N% of M boxes have an anchor with IoU >= 0.5`, and a warning below
     WARNING_COVERAGE."""
     settings, count = coverage.settings, len(coverage.labels)
-    lines = [f"anchor coverage at the training image size ({describe_training_size(settings, jitter)}); anchors "
-             f"{describe_anchors(settings)}; a box is covered by an anchor of IoU >= {settings.fg_iou:g} "
-             f"(§4 \"Anchors\")"]
+    lines = [f"anchors: {describe_anchors(settings)}",
+             f"coverage of the training boxes at the training image size ({describe_training_size(settings, jitter)}): "
+             f"a box is covered by an anchor of IoU >= {settings.fg_iou:g} (§4 \"Anchors\")"]
     if count == 0:
         return "\n".join(lines + ["anchor coverage: no boxes in the training set"])
     lines.append(f"{'class':<20} {'boxes':>8} {'size p5/p50/p95':>18} {'h/w p5/p95':>13} {'IoU >= ' + format(settings.fg_iou, 'g'):>10} "

@@ -13,9 +13,12 @@ from torchvision.ops import box_iou
 import train
 import visualize
 from conftest import save_image, write
-from retinanet.anchor_fit import TARGET_COVERAGE, fit_anchors, fit_report
+from retinanet.anchor_fit import TARGET_COVERAGE, anchor_flags, fit_anchors, fit_report
 from retinanet.anchors import anchors_of
+from retinanet.check import dataset_boxes
+from retinanet.checkpoint import read_checkpoint
 from retinanet.coverage import anchor_coverage, coverage_report, paired_iou, shorter_sides
+from retinanet.dataloader import CSVDataset
 from retinanet.drawing import CAPTION_HEIGHT, COVERED_COLOUR, UNCOVERED_COLOUR
 from retinanet.settings import ModelSettings
 
@@ -182,3 +185,53 @@ def test_visualize_draws_each_box_with_its_best_anchor_green_or_red(tmp_path):
 def colour_count(image: np.ndarray, colour: tuple[int, int, int]) -> int:
     """The number of pixels of `colour` in an (H, W, 3) image."""
     return int((image == colour).all(axis=-1).sum())
+
+
+def write_tiny_objects(root, split: str, count: int, seed: int, image_size: int = 64) -> tuple[str, str]:
+    """A CSV dataset of `count` noisy dark images of image_size pixels crowded with bright discs and squares of
+    8-13 px, at least 2 px apart (6 to 12 tries to place one: 5 placed on average in 64 px); returns the paths of
+    its CSV file and class list."""
+    rng = np.random.default_rng(seed)
+    (root / split).mkdir(parents=True, exist_ok=True)
+    ys, xs = np.mgrid[0:image_size, 0:image_size] + 0.5  # (H, W) each: the pixels' centres
+    rows = []
+    for index in range(count):
+        image, boxes = rng.normal(40, 12, (image_size, image_size, 3)), []
+        for _ in range(int(rng.integers(6, 13))):
+            width, height = rng.uniform(8, 13, 2)
+            x1, y1 = rng.uniform(0, image_size - width), rng.uniform(0, image_size - height)
+            if any(x1 < b[2] + 2 and b[0] < x1 + width + 2 and y1 < b[3] + 2 and b[1] < y1 + height + 2 for b in boxes):
+                continue
+            label = int(rng.integers(2))
+            cx, cy = x1 + width / 2, y1 + height / 2
+            disc = ((xs - cx) / (width / 2)) ** 2 + ((ys - cy) / (height / 2)) ** 2 <= 1
+            square = (abs(xs - cx) <= width / 2) & (abs(ys - cy) <= height / 2)
+            image[square if label else disc] = rng.uniform(150, 255, 3)
+            boxes.append((x1, y1, x1 + width, y1 + height, label))
+        Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(root / split / f"{index}.png")
+        rows += [f"{split}/{index}.png,{x1:.1f},{y1:.1f},{x2:.1f},{y2:.1f},{('disc', 'square')[label]}\n"
+                 for x1, y1, x2, y2, label in boxes]
+    write(root / "classes.csv", "disc,0\nsquare,1\n")
+    return str(write(root / f"{split}.csv", "".join(rows))), str(root / "classes.csv")
+
+
+@pytest.mark.slow
+def test_fitted_anchors_train_to_a_higher_map_on_tiny_objects(tmp_path):
+    # Crowded 8-13 px discs and squares in 64 px images: no default anchor overlaps one by 0.5 (the smallest is
+    # 32 px, and contains several), the fitted ones cover 56%. ResNet-18 from scratch, 300 iterations of 8 images
+    # each for both, the project's defaults otherwise. Measured on 2 cores of an AMD EPYC (bf16), 2 minutes in all:
+    # mAP@0.5 0.25 with the default anchors, 0.44 with the fitted ones (0.24 and 0.43 with --seed 1).
+    train_csv, classes = write_tiny_objects(tmp_path, "train", 400, seed=0)
+    val_csv, _ = write_tiny_objects(tmp_path, "val", 60, seed=1)
+    boxes, image_sizes, _ = dataset_boxes(CSVDataset(train_csv, classes))
+    fitted, _ = fit_anchors(boxes, image_sizes, ModelSettings(num_classes=2, min_size=64, max_size=64))
+    assert fitted.coverage_before == 0.0 and fitted.coverage > 0.5
+    mean_ap = {}
+    for name, anchors in (("default", []), ("fitted", anchor_flags(fitted).split())):
+        flags = ["--dataset", "csv", "--csv_train", train_csv, "--csv_classes", classes, "--csv_val", val_csv,
+                 "--min_size", "64", "--max_size", "64", "--no_pretrained", "--depth", "18", "--optimizer", "adamw",
+                 "--epochs", "6", "--eval_every", "6", "--warmup_iters", "20", "--workers", "0",
+                 "--output_dir", str(tmp_path / name), *anchors]
+        assert train.main(flags) == 0
+        mean_ap[name] = read_checkpoint(str(tmp_path / name / "best.pt"))["best_map"]
+    assert mean_ap["fitted"] > mean_ap["default"] + 0.1, mean_ap
