@@ -28,6 +28,11 @@ def test_a_model_with_4_scales_and_5_ratios_trains_resumes_and_evaluates(tmp_pat
     assert model.anchors.num_anchors == 20 and model.anchors.sizes == (16, 32, 64, 128, 256)
     assert len(model.anchors.for_size(96, 96)) == 20 * sum(((96 + s - 1) // s) ** 2 for s in (8, 16, 32, 64, 128))
 
+    # Fine-tuned from it: its anchors, and the weights of its 20-anchor subnets.
+    tuned = tmp_path / "tuned"
+    assert train.main(tiny_run_flags(tmp_path, "--iters", "1", "--fine_tune", last, "--output_dir", str(tuned))) == 0
+    assert read_checkpoint(str(tuned / "last.pt"))["model_settings"]["anchor_ratios"] == (0.25, 0.5, 1.0, 2.0, 4.0)
+
     capsys.readouterr()
     data = tmp_path / "shapes"
     assert csv_eval.main(["--csv_annotations", str(data / "val.csv"), "--csv_classes", str(data / "classes.csv"),
