@@ -26,10 +26,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from retinanet.augmentations import AUGMENTATIONS
-from retinanet.check import check_data
+from retinanet.check import check_anchors, check_data
 from retinanet.checkpoint import checkpoint_settings, model_from_checkpoint, read_checkpoint, resumed_settings
 from retinanet.checkpoint import restore_training_state, save_checkpoint, training_state
-from retinanet.cli import require_dataset_flags, run_script
+from retinanet.cli import add_anchor_arguments, require_dataset_flags, run_script, typed_settings
 from retinanet.coco_evaluation import evaluate_coco
 from retinanet.dataloader import AspectRatioBatchSampler, CocoDataset, CSVDataset, VOCDataset, collate
 from retinanet.drawing import visualize_dataset
@@ -108,9 +108,7 @@ def add_model_arguments(model) -> None:
     model.add_argument("--box_coding", choices=tuple(BOX_CODINGS), help="box deltas' std and smooth L1 beta: detectron (default, the authors' code: 1, 0.11), detectron2, torchvision, yhenon (0.1/0.2, 1/9)")
     model.add_argument("--box_loss", choices=("smooth_l1", "giou"), help="box regression loss (paper: smooth L1)")
     model.add_argument("--loss_normalizer", choices=("batch", "ema"), help="divide losses by this batch's foreground count (paper) or its moving average")
-    model.add_argument("--anchor_sizes", type=float, nargs=5, metavar="SIZE", help="anchor size on P3..P7 (paper: 32 64 128 256 512)")
-    model.add_argument("--anchor_scales", type=float, nargs="+", metavar="SCALE", help="anchor scales per level (paper: 1 1.26 1.587, 2^0, 2^(1/3), 2^(2/3))")
-    model.add_argument("--anchor_ratios", type=float, nargs="+", metavar="H/W", help="anchor aspect ratios, height / width (paper: 0.5 1 2)")
+    add_anchor_arguments(model)
 
 
 def add_optimization_arguments(optim) -> None:
@@ -139,7 +137,8 @@ def add_run_arguments(run) -> None:
     run.add_argument("--logdir", help="write TensorBoard scalars here")
     run.add_argument("--seed", type=int, default=0, help="random seed")
     run.add_argument("--skip_nonfinite", action="store_true", help="skip a batch whose loss is NaN or infinite (counted and reported) instead of stopping")
-    run.add_argument("--check_data", action="store_true", help="read every annotation and image, list all problems, and exit (non-zero if training could not start)")
+    run.add_argument("--check_data", action="store_true", help="read every annotation and image, list all problems, report how the anchors cover the training boxes, and exit (non-zero if training could not start)")
+    run.add_argument("--fit_anchors", action="store_true", help="print the anchor scales and ratios (and image size) that cover most training boxes, and exit")
 
 
 # ------------------------------------------------------------------------------------- settling the run
@@ -160,10 +159,10 @@ def settle(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
 def flag_settings(flags: argparse.Namespace) -> dict:
     """The model settings that flags set: in parsed args, those the user typed; in a settled config, those and the
     dataset's defaults."""
-    found = {name: getattr(flags, name) for name in SETTINGS_FLAGS if getattr(flags, name) is not None}
+    found = typed_settings(flags, SETTINGS_FLAGS)
     if flags.box_coding is not None:
         found["box_coder_std"], found["smooth_l1_beta"] = BOX_CODINGS[flags.box_coding]
-    return {name: tuple(value) if isinstance(value, list) else value for name, value in found.items()}
+    return found
 
 
 def settle_recipe(args: argparse.Namespace, config: argparse.Namespace, checkpoint: dict | None) -> dict:
@@ -385,12 +384,17 @@ def main(argv=None) -> int:
         voc = voc_sets(config) if config.dataset == "voc" else None
         csv_train, csv_classes, csv_val = csv_files(config, rank, world_size) if coco is None else (None, None, None)
         csv_sets = [path for path in (csv_train, csv_val) if path]
-        return 0 if check_data(coco, csv_sets, csv_classes, config.workers, voc) else 1
+        if not check_data(coco, csv_sets, csv_classes, config.workers, voc):
+            return 1
     torch.manual_seed(config.seed + rank)
     checkpoint = read_checkpoint(args.resume or args.fine_tune) if args.resume or args.fine_tune else None
     recipe = settle_recipe(args, config, checkpoint)
     train_set, val_set = build_datasets(config, (recipe["min_size"], recipe["max_size"]), rank, world_size)
-    model = build_model(args, config, checkpoint, ModelSettings(**recipe | {"num_classes": train_set.num_classes}))
+    settings = ModelSettings(**recipe | {"num_classes": train_set.num_classes})
+    if args.check_data or args.fit_anchors:  # the anchors' coverage of the training boxes, at the training size
+        check_anchors(train_set, settings, tuple(config.jitter) if config.jitter else None, args.fit_anchors)
+        return 0
+    model = build_model(args, config, checkpoint, settings)
     if world_size > 1 and device.type == "cuda" and not model.settings.freeze_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm statistics over the whole batch
     trainer = Trainer(config, model, train_set, val_set, device, rank, world_size)

@@ -12,6 +12,13 @@ resizing, flips and --augment, with their boxes.
 Only detections with score >= --score_threshold (0.5 by default) are drawn: the paper's §4.1 inference keeps
 everything above 0.05 for the AP computation, far too many boxes to look at. JPEG images are saved as JPEG,
 everything else as PNG. No display is needed unless --show asks for matplotlib windows.
+
+Before training, --anchors draws what the anchors cover (§4 "Anchors"): each ground-truth box with its best anchor,
+green where their IoU is >= 0.5, red where not, on the images resized as for training. The anchors and image size
+are the model's with --model, otherwise the paper's (800 / 1333 pixels); the train.py flags --min_size, --max_size,
+--anchor_sizes, --anchor_scales and --anchor_ratios change them:
+
+    python visualize.py --anchors --dataset csv --csv_annotations train.csv --csv_classes classes.csv --min_size 600
 """
 
 import argparse
@@ -19,15 +26,20 @@ import os
 import sys
 
 from retinanet.augmentations import AUGMENTATIONS
-from retinanet.cli import add_inference_arguments, require_dataset_flags, run_script
+from retinanet.checkpoint import checkpoint_settings, read_checkpoint
+from retinanet.cli import add_anchor_arguments, add_inference_arguments, require_dataset_flags, run_script
+from retinanet.cli import typed_settings
 from retinanet.dataloader import CocoDataset, CSVDataset, DetectionDataset, VOCDataset
-from retinanet.drawing import draw_training_samples, image_folder_dataset, show_images, visualize_dataset
+from retinanet.drawing import draw_training_samples, image_folder_dataset, show_images, visualize_anchors
+from retinanet.drawing import visualize_dataset
 from retinanet.images import find_images
 from retinanet.predict import class_names_to_read, load_for_inference
+from retinanet.settings import ModelSettings
 from retinanet.transforms import MAX_SIZE, MIN_SIZE, build_transform
 
 # The set drawn when --set_name is not given: detections on the validation set, --augmented on the training set.
 DEFAULT_SETS = {"coco": ("val2017", "train2017"), "voc": ("test", "trainval")}
+ANCHOR_FLAGS = ("min_size", "max_size", "anchor_sizes", "anchor_scales", "anchor_ratios")  # model settings, by name
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,12 +60,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--score_threshold", type=float, default=0.5, help="draw detections with at least this score (default 0.5)")
     parser.add_argument("--limit", type=int, metavar="N", help="draw only the first N images (default: all)")
     parser.add_argument("--show", action="store_true", help="also open the drawn images in matplotlib windows (needs a display)")
+    parser.add_argument("--anchors", action="store_true", help="draw each ground-truth box with its best anchor instead (green: IoU >= 0.5, red: below), at the training image size; needs --dataset; with --model, its anchors and image size")
+    add_anchor_arguments(parser)
     add_inference_arguments(parser, model_required=False)
     args = parser.parse_args(argv)
     if (args.images is None) == (args.dataset is None):
         parser.error("give either --images PATH_OR_FOLDER or --dataset csv|coco|voc")
-    if (args.model is None) == (args.augmented is None):
-        parser.error("give either --model CHECKPOINT to draw its detections or --augmented N to draw training samples")
+    if args.augmented is not None and (args.model is not None or args.anchors):
+        parser.error("--augmented draws training samples, without a model and without --anchors")
+    if args.model is None and args.augmented is None and not args.anchors:
+        parser.error("give --model CHECKPOINT to draw its detections, --augmented N to draw training samples or "
+                     "--anchors to draw what the anchors cover")
+    if (args.anchors or args.augmented is not None) and args.dataset is None:
+        parser.error("--anchors and --augmented draw a dataset's boxes: give --dataset csv|coco|voc")
     require_dataset_flags(parser, args, {"csv": ("csv_annotations", "csv_classes"), "coco": ("coco_path",),
                                          "voc": ("voc_path",)})
     return args
@@ -86,6 +105,22 @@ def draw_detections(args: argparse.Namespace, dataset: DetectionDataset) -> list
                              limit=args.limit, batch_size=args.batch_size, workers=args.workers)
 
 
+def anchor_settings(args: argparse.Namespace, num_classes: int) -> ModelSettings:
+    """The anchors and image size to draw with: the model's (--model) or the paper's, and the flags typed."""
+    settings = checkpoint_settings(read_checkpoint(args.model)) if args.model else ModelSettings(num_classes)
+    return settings.replace(**typed_settings(args, ANCHOR_FLAGS))
+
+
+def draw_anchors(args: argparse.Namespace, dataset: DetectionDataset) -> list[str]:
+    """Draw each ground-truth box of the dataset with its best anchor; returns the paths written."""
+    settings = anchor_settings(args, max(1, dataset.num_classes))
+    count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
+    print(f"drawing the best anchor of each box on {count} images of {args.csv_annotations or chosen_set(args)}, "
+          f"resized to a shorter side of {settings.min_size} (longer side at most {settings.max_size}), with "
+          f"{settings.num_anchors} anchors per location")
+    return visualize_anchors(dataset, settings, args.output, args.limit)
+
+
 def draw_augmented(args: argparse.Namespace, dataset: DetectionDataset) -> list[str]:
     """Draw the first --augmented training samples of the dataset as train.py's loop receives them; returns the
     paths written."""
@@ -100,7 +135,8 @@ def draw_augmented(args: argparse.Namespace, dataset: DetectionDataset) -> list[
 def run(args: argparse.Namespace) -> None:
     """Load the images (and the model), draw, save, and say where the drawings went."""
     dataset = build_dataset(args)
-    paths = draw_augmented(args, dataset) if args.augmented is not None else draw_detections(args, dataset)
+    draw = draw_augmented if args.augmented is not None else draw_anchors if args.anchors else draw_detections
+    paths = draw(args, dataset)
     print(f"saved {len(paths)} images to {os.path.abspath(args.output)}")
     if args.show:
         show_images(paths)

@@ -113,3 +113,9 @@ class Anchors(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """The (R, 4) float32 anchors of a (B, 3, H, W) batch, on its device, also under mixed precision."""
         return self.for_size(images.shape[-2], images.shape[-1], images.device)
+
+
+def anchors_of(settings: ModelSettings) -> Anchors:
+    """The anchors of a model built from `settings`."""
+    return Anchors(settings.anchor_sizes, settings.anchor_scales, settings.anchor_ratios,
+                   settings.anchor_centre_offset, settings.integer_anchors)

@@ -6,7 +6,9 @@ its file and line or image, so that a user learns about row 80,412 before the fi
 
 Errors stop training (a malformed row or XML file, an object without a box, an unknown class, a missing or
 undecodable image); warnings do not (a box reaching past the image is clipped, one entirely outside it dropped, as
-the datasets do while training).
+the datasets do while training). Then, if training can start, how the anchors cover the training boxes at the
+training image size (§4 "Anchors", retinanet/coverage.py), and with --fit_anchors the anchors fitted to them
+(retinanet/anchor_fit.py).
 """
 
 from concurrent.futures import ThreadPoolExecutor
@@ -15,9 +17,12 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
+from .anchor_fit import fit_report
 from .annotations import clip_to_image, read_class_list, read_csv_annotations
-from .dataloader import CocoDataset
+from .coverage import anchor_coverage, coverage_report
+from .dataloader import CocoDataset, DetectionDataset
 from .images import read_rgb_image
+from .settings import ModelSettings
 from .voc import VOCSet, boxes_of_files, read_voc_set, run_class_names
 
 
@@ -134,3 +139,30 @@ def check_data(coco: tuple[str, list[str]] | None = None, csv_files: list[str] =
         return all([report(check_voc(voc_set, class_names, workers), f"VOC set {voc_set.name} of "
                            f"{', '.join(voc_set.roots)}") for voc_set in voc if voc_set is not None])
     return all([report(check_csv(path, class_list, workers), path) for path in csv_files])
+
+
+def dataset_boxes(dataset: DetectionDataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every box of a dataset as training reads it, clipped to its image (those left without area dropped):
+    (G, 4) x1y1x2y2 in the pixels of the image files, the (G, 2) sizes (height, width) of their images, and
+    their (G,) class indices."""
+    boxes, sizes, labels = [np.zeros((0, 4), np.float32)], [np.zeros((0, 2), np.int64)], [np.zeros(0, np.int64)]
+    for index in tqdm(range(len(dataset)), desc="reading image sizes", unit="image", leave=False):
+        annotations = dataset.load_annotations(index)  # (N, 5)
+        if len(annotations) == 0:
+            continue
+        height, width = dataset.image_size(index)
+        clipped, keep = clip_to_image(annotations, height, width)
+        boxes.append(clipped[keep, :4])
+        sizes.append(np.tile([height, width], (int(keep.sum()), 1)))  # (N, 2)
+        labels.append(clipped[keep, 4].astype(np.int64))
+    return np.concatenate(boxes), np.concatenate(sizes), np.concatenate(labels)
+
+
+def check_anchors(dataset: DetectionDataset, settings: ModelSettings, jitter: tuple[int, int] | None = None,
+                  fit: bool = False) -> None:
+    """Print how the anchors of `settings` cover the boxes of `dataset` at the image size of training (its
+    min_size and max_size, or the jitter range) and, with `fit`, the anchors fitted to them."""
+    boxes, image_sizes, labels = dataset_boxes(dataset)
+    print(coverage_report(anchor_coverage(boxes, image_sizes, labels, settings, jitter), dataset.class_names, jitter))
+    if fit and len(boxes):
+        print(fit_report(boxes, image_sizes, settings, jitter))

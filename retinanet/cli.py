@@ -20,6 +20,19 @@ def add_inference_arguments(parser: argparse.ArgumentParser, model_required: boo
     parser.add_argument("--workers", type=int, default=workers, help=f"image loading processes (default {workers}; 0: load in this process)")
 
 
+def add_anchor_arguments(parser: argparse.ArgumentParser) -> None:
+    """The anchors' flags (§4 "Anchors"), model settings of the same names (settings.py)."""
+    parser.add_argument("--anchor_sizes", type=float, nargs=5, metavar="SIZE", help="anchor size on P3..P7 (paper: 32 64 128 256 512)")
+    parser.add_argument("--anchor_scales", type=float, nargs="+", metavar="SCALE", help="anchor scales per level (paper: 1 1.26 1.587, 2^0, 2^(1/3), 2^(2/3))")
+    parser.add_argument("--anchor_ratios", type=float, nargs="+", metavar="H/W", help="anchor aspect ratios, height / width (paper: 0.5 1 2)")
+
+
+def typed_settings(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
+    """The model settings among `names` that flags of the same names set (those not None), lists as tuples."""
+    typed = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return {name: tuple(value) if isinstance(value, list) else value for name, value in typed.items()}
+
+
 def inference_options(args: argparse.Namespace) -> dict:
     """The values of add_inference_arguments' flags but --model, as keyword arguments of predict_with_checkpoint."""
     return {name: getattr(args, name) for name in ("device", "min_size", "max_size", "batch_size", "workers")}

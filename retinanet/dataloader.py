@@ -99,9 +99,14 @@ class DetectionDataset(Dataset):
         """(N,) bool: which boxes of load_annotations(index) evaluation neither counts as hits nor as misses."""
         return self.difficult[index].copy()
 
-    def aspect_ratio(self, index: int) -> float:
-        """Width / height of the image file, read from its header."""
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(height, width) of the image file, read from its header."""
         width, height = read_image_size(self.image_paths[index])
+        return height, width
+
+    def aspect_ratio(self, index: int) -> float:
+        """Width / height of the image file."""
+        height, width = self.image_size(index)
         return width / height
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
@@ -218,10 +223,10 @@ class CocoDataset(DetectionDataset):
             rows.append([x, y, x + width, y + height, self.coco_id_to_label[annotation["category_id"]]])
         return np.array(rows, dtype=np.float32).reshape(-1, 5)
 
-    def aspect_ratio(self, index: int) -> float:
-        """Width / height from the COCO json."""
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(height, width) from the COCO json."""
         image_info = self.coco.imgs[self.image_ids[index]]
-        return image_info["width"] / image_info["height"]
+        return image_info["height"], image_info["width"]
 
 
 class VOCDataset(DetectionDataset):

@@ -1,7 +1,9 @@
 """Drawing a detector's output (the paper's §4.1 "Inference": boxes, class labels and scores) on images: each box
 in its class's colour with the class name and score, on the original image; on an annotated set, the ground truth
-next to the predictions. And drawing what training sees (§4.1 "Optimization"): the images and boxes of the
-training loop's batches, after their random transforms and augmentations.
+next to the predictions. Drawing what training sees (§4.1 "Optimization"): the images and boxes of the
+training loop's batches, after their random transforms and augmentations. And, before training, what the anchors
+cover (§4 "Anchors"): each ground-truth box with its best anchor, green where their IoU reaches the foreground
+threshold, red where not.
 
 Legend for shapes: N boxes of one image, (3, H, W) an RGB image, h the height of a caption band.
 """
@@ -17,10 +19,13 @@ from torch.utils.data import DataLoader
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
+from .anchors import anchors_of
+from .coverage import best_anchors
 from .dataloader import AspectRatioBatchSampler, DetectionDataset, collate
 from .images import read_rgb_image
 from .predict import predict_dataset
-from .transforms import Transform
+from .settings import ModelSettings
+from .transforms import Transform, build_transform
 
 JPEG_EXTENSIONS = (".jpg", ".jpeg")  # saved as JPEG again; every other format as PNG
 JPEG_QUALITY = 95
@@ -28,6 +33,9 @@ PIXELS_PER_LINE_WIDTH = 400  # box outlines 1 pixel wide per 400 pixels of the l
 MIN_LINE_WIDTH = 2
 CAPTION_HEIGHT = 16  # the band above each panel of a side-by-side picture; fits Pillow's default 10-point font
 CAPTION_MARGIN = 4
+COVERED_COLOUR = (0, 200, 0)  # a best anchor of IoU >= fg_iou: the box is a foreground target (§4 "Anchors")
+UNCOVERED_COLOUR = (255, 0, 0)  # a best anchor below fg_iou
+GROUND_TRUTH_COLOUR = (255, 255, 255)
 
 
 # ---------------------------------------------------------------------------------------------------- drawing
@@ -62,11 +70,29 @@ def draw_boxes(
         texts = [f"{text} {float(score):.2f}" for text, score in zip(texts, scores)]
     if difficult is not None:
         texts = [f"{text} difficult" if is_difficult else text for text, is_difficult in zip(texts, difficult)]
-    height, width = image.shape[1:]
-    line_width = max(MIN_LINE_WIDTH, round(max(height, width) / PIXELS_PER_LINE_WIDTH))
     boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)  # (N, 4)
-    return draw_bounding_boxes(image, boxes, texts, colors=[colors[label] for label in labels], width=line_width,
-                               fill_labels=True)  # black text on the class colour
+    return draw_bounding_boxes(image, boxes, texts, colors=[colors[label] for label in labels],
+                               width=line_width(image), fill_labels=True)  # black text on the class colour
+
+
+def line_width(image: torch.Tensor) -> int:
+    """The width of box outlines on a (3, H, W) image: 1 pixel per PIXELS_PER_LINE_WIDTH, at least MIN_LINE_WIDTH."""
+    return max(MIN_LINE_WIDTH, round(max(image.shape[1:]) / PIXELS_PER_LINE_WIDTH))
+
+
+def draw_anchor_coverage(image: torch.Tensor, boxes: torch.Tensor, anchors: torch.Tensor, ious: torch.Tensor,
+                         fg_iou: float) -> torch.Tensor:
+    """`image` (3, H, W) uint8 with each of the (N, 4) ground-truth boxes outlined in white and its best anchor
+    (N, 4) over it, green where their IoU (N,) is >= fg_iou, red where not, under a caption that counts them:
+    (3, CAPTION_HEIGHT + H, W)."""
+    covered = ious >= fg_iou  # (N,)
+    caption = (f"{int(covered.sum())} of {len(boxes)} boxes have an anchor of IoU >= {fg_iou:g} (green); "
+               f"red: the best is below")
+    if len(boxes) == 0:
+        return with_caption(image, caption)
+    drawn = draw_bounding_boxes(image, boxes, colors=GROUND_TRUTH_COLOUR, width=1)
+    colours = [COVERED_COLOUR if box_covered else UNCOVERED_COLOUR for box_covered in covered.tolist()]
+    return with_caption(draw_bounding_boxes(drawn, anchors, colors=colours, width=line_width(image)), caption)
 
 
 def confident(prediction: dict[str, np.ndarray], score_threshold: float) -> dict[str, np.ndarray]:
@@ -138,6 +164,18 @@ def save_image(image: torch.Tensor, path: str, source_path: str) -> str:
     return path
 
 
+def first_images(dataset: DetectionDataset, limit: int | None, transform: Transform | None) -> DetectionDataset:
+    """The first `limit` images of `dataset` (all if None) with their annotations, as a dataset of their own whose
+    items go through `transform`."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1 (or None for all images), got {limit}")
+    if len(dataset) == 0:
+        raise ValueError("no images to draw on: the dataset is empty")
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    return DetectionDataset([dataset.image_path(index) for index in range(count)],
+                            [dataset.load_annotations(index) for index in range(count)], dataset.class_names, transform)
+
+
 def visualize_dataset(
     model: nn.Module,
     dataset: DetectionDataset,
@@ -153,15 +191,9 @@ def visualize_dataset(
     is annotated, the ground truth next to them (see render). Returns the paths written, in dataset order."""
     if not 0.0 <= score_threshold <= 1.0:
         raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be at least 1 (or None for all images), got {limit}")
-    if len(dataset) == 0:
-        raise ValueError("no images to draw on: the dataset is empty")
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    image_paths = [dataset.image_path(index) for index in range(count)]
-    annotations = [dataset.load_annotations(index) for index in range(count)]
+    subset = first_images(dataset, limit, dataset.transform)
+    image_paths, annotations = subset.image_paths, subset.annotations
     has_ground_truth = any(len(dataset.load_annotations(index)) for index in range(len(dataset)))
-    subset = DetectionDataset(image_paths, annotations, dataset.class_names, dataset.transform)
     predictions = predict_dataset(model, subset, batch_size=batch_size, workers=workers)
     return draw_predictions(image_paths, predictions, class_names, output_dir, score_threshold,
                             annotations if has_ground_truth else None)
@@ -217,6 +249,25 @@ def draw_training_samples(
     image_paths = [dataset.image_path(index) for index in indices]
     return [save_image(picture, os.path.join(output_dir, name), path)
             for picture, name, path in zip(pictures, output_names(image_paths), image_paths)]
+
+
+def visualize_anchors(dataset: DetectionDataset, settings: ModelSettings, output_dir: str,
+                      limit: int | None = 8) -> list[str]:
+    """Save the first `limit` images of `dataset` (all if None) into output_dir, resized as the settings' model
+    trains (min_size, max_size), with each ground-truth box and its best anchor of the settings drawn on it
+    (draw_anchor_coverage). Returns the paths written, in dataset order."""
+    subset = first_images(dataset, limit, build_transform(False, settings.min_size, settings.max_size))
+    anchors = anchors_of(settings)
+    os.makedirs(output_dir, exist_ok=True)
+    paths = []
+    for index, name in enumerate(tqdm(output_names(subset.image_paths), desc="drawing", unit="image")):
+        item = subset[index]
+        boxes = item["annotations"][:, :4]  # (N, 4) in the resized image's pixels
+        image_sizes = torch.tensor(item["image"].shape[1:]).expand(len(boxes), 2)  # (N, 2)
+        ious, best = best_anchors(boxes, image_sizes, anchors)
+        picture = draw_anchor_coverage(item["image"], boxes, best, ious, settings.fg_iou)
+        paths.append(save_image(picture, os.path.join(output_dir, name), subset.image_paths[index]))
+    return paths
 
 
 def show_images(paths: list[str]) -> None:

@@ -18,7 +18,7 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from .anchors import Anchors
+from .anchors import anchors_of
 from .inference import detect
 from .losses import RetinaNetLoss
 from .settings import ModelSettings
@@ -200,8 +200,7 @@ class RetinaNet(nn.Module):
         self.classification_subnet = ClassificationModel(FPN_CHANNELS, settings.num_classes, settings.num_anchors,
                                                          prior=settings.prior)
         self.box_subnet = RegressionModel(FPN_CHANNELS, settings.num_anchors)
-        self.anchors = Anchors(settings.anchor_sizes, settings.anchor_scales, settings.anchor_ratios,
-                               settings.anchor_centre_offset, settings.integer_anchors)
+        self.anchors = anchors_of(settings)
         # The ImageNet statistics the backbone's pretrained weights expect, on the model's device (not saved).
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
