@@ -226,6 +226,15 @@ def csv_files(config: argparse.Namespace, rank: int, world_size: int) -> tuple[s
     return make_shapes_demo(config.data_dir, config.shapes_train, config.shapes_val, config.seed)
 
 
+def check_run_data(config: argparse.Namespace, rank: int, world_size: int) -> bool:
+    """--check_data: read every annotation and image of the run's datasets and list each problem; False on any."""
+    coco = (config.coco_path, [config.train_set, config.val_set]) if config.dataset == "coco" else None
+    voc = voc_sets(config) if config.dataset == "voc" else None
+    csv_train, csv_classes, csv_val = csv_files(config, rank, world_size) if coco is None else (None, None, None)
+    csv_sets = [path for path in (csv_train, csv_val) if path]
+    return check_data(coco, csv_sets, csv_classes, config.workers, voc)
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 
 
@@ -379,13 +388,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device, rank, world_size = setup_distributed(args.device)
     config = settle(args, world_size)
-    if args.check_data:
-        coco = (config.coco_path, [config.train_set, config.val_set]) if config.dataset == "coco" else None
-        voc = voc_sets(config) if config.dataset == "voc" else None
-        csv_train, csv_classes, csv_val = csv_files(config, rank, world_size) if coco is None else (None, None, None)
-        csv_sets = [path for path in (csv_train, csv_val) if path]
-        if not check_data(coco, csv_sets, csv_classes, config.workers, voc):
-            return 1
+    if args.check_data and not check_run_data(config, rank, world_size):
+        return 1
     torch.manual_seed(config.seed + rank)
     checkpoint = read_checkpoint(args.resume or args.fine_tune) if args.resume or args.fine_tune else None
     recipe = settle_recipe(args, config, checkpoint)
