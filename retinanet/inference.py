@@ -4,16 +4,16 @@
 thresholding detector confidence at 0.05. The top predictions from all levels are merged and non-maximum
 suppression with a threshold of 0.5 is applied to yield the final detections."
 
-The whole batch is processed at once: the host waits for the device a fixed number of times per batch (to learn
-how many candidates pass the threshold, inside NMS, and to split the result into images), however many images it
-holds, and the candidates are at most 1k per level and image, so NMS has bounded work for any model state.
+The whole batch is processed at once: on a GPU the host waits for the device a fixed number of times per batch (to
+learn how many candidates pass the threshold, inside NMS, and to split the result into images), however many images
+it holds, and the candidates are at most 1k per level and image, so NMS has bounded work for any model state.
 
 Legend for shapes: B batch, R anchors over all levels, K classes, C candidates per image (at most 1k per level),
 D candidates of the whole batch above the threshold.
 """
 
 import torch
-from torchvision.ops import nms
+from torchvision.ops import batched_nms, nms
 
 from .boxes import decode
 from .settings import ModelSettings
@@ -45,9 +45,19 @@ def clip_to_images(boxes: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tens
 def nms_within_groups(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
                       threshold: float) -> torch.Tensor:
     """Indices of the (D, 4) boxes that NMS keeps, by decreasing score, where boxes of different groups (one per
-    image and class) never suppress each other: each group is moved to a region of the plane of its own, as
-    torchvision's batched_nms does for classes, and one NMS call does all groups. In float64, so that the shift
-    leaves coordinates exact."""
+    image and class) never suppress each other. On a GPU, one NMS call for the whole batch: the host waits once,
+    however many images and classes. On the CPU nothing waits, and NMS compares each box it keeps with every later
+    one, so one call per group is cheaper: torchvision's batched_nms, which makes one call per group above 1,000
+    boxes (8 images of 5,000 candidates, 80 classes: 53 ms against 2.3 s for one call, on 2 cores)."""
+    if boxes.device.type == "cpu":
+        return batched_nms(boxes.double(), scores.double(), groups, threshold)
+    return nms_in_one_call(boxes, scores, groups, threshold)
+
+
+def nms_in_one_call(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
+                    threshold: float) -> torch.Tensor:
+    """nms_within_groups with one NMS call: each group is moved to a region of the plane of its own, as
+    torchvision's batched_nms does for classes. In float64, so that the shift leaves coordinates exact."""
     if boxes.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
     boxes = boxes.double()

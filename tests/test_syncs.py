@@ -5,6 +5,7 @@ GPU's host wait (reading a value, a data-dependent size, a boolean-mask selectio
 import pytest
 import torch
 
+from retinanet import inference
 from retinanet.model import resnet18
 from retinanet.optimization import build_optimizer
 from retinanet.training import TrainStep
@@ -45,7 +46,8 @@ def test_a_training_step_reads_from_the_device_once():
     assert not result.nonfinite and not result.stop
 
 
-def test_inference_waits_as_often_for_one_image_as_for_four():
+def test_inference_waits_as_often_for_one_image_as_for_four(monkeypatch):
+    monkeypatch.setattr(inference, "nms_within_groups", inference.nms_in_one_call)  # as on a GPU
     torch.manual_seed(0)
     model = resnet18(num_classes=3).eval()
     with torch.no_grad():
@@ -62,3 +64,17 @@ def test_inference_waits_as_often_for_one_image_as_for_four():
         found[size] = waits.found
     # how many candidates pass 0.05 (nonzero), NMS, and one read of the number of detections of each image
     assert found[1] == found[4] == ["nonzero", "nms", "tolist"]
+
+
+@pytest.mark.parametrize("count, groups", [(0, 1), (300, 4), (3000, 40)])
+def test_nms_in_one_call_keeps_what_nms_per_group_keeps(count, groups):
+    """The GPU's one call and the CPU's call per group (torchvision's batched_nms above 1,000 boxes, one call below)
+    keep the same boxes, in the same order."""
+    generator = torch.Generator().manual_seed(count)
+    corners = torch.rand(count, 2, generator=generator) * 200
+    boxes = torch.cat([corners, corners + 1 + torch.rand(count, 2, generator=generator) * 50], dim=1)
+    scores = torch.randperm(count, generator=generator).float() / max(count, 1)  # distinct: one order
+    group = torch.randint(0, groups, (count,), generator=generator)
+    kept = inference.nms_within_groups(boxes, scores, group, 0.5)
+    assert torch.equal(inference.nms_in_one_call(boxes, scores, group, 0.5), kept)
+    assert 0 < len(kept) < count or count == 0
