@@ -220,7 +220,7 @@ def test_fitted_anchors_train_to_a_higher_map_on_tiny_objects(tmp_path):
     # Crowded 8-13 px discs and squares in 64 px images: no default anchor overlaps one by 0.5 (the smallest is
     # 32 px, and contains several), the fitted ones cover 56%. ResNet-18 from scratch, 300 iterations of 8 images
     # each for both, the project's defaults otherwise. Measured on 2 cores of an AMD EPYC (bf16), 2 minutes in all:
-    # mAP@0.5 0.25 with the default anchors, 0.44 with the fitted ones (0.24 and 0.43 with --seed 1).
+    # mAP@0.5 0.24 with the default anchors, 0.41 with the fitted ones.
     train_csv, classes = write_tiny_objects(tmp_path, "train", 400, seed=0)
     val_csv, _ = write_tiny_objects(tmp_path, "val", 60, seed=1)
     boxes, image_sizes, _ = dataset_boxes(CSVDataset(train_csv, classes))
