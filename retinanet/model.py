@@ -248,11 +248,13 @@ class RetinaNet(nn.Module):
         """Detections from (B, R, K) logits and (B, R, 4) deltas of a batch padded to `padded_size` (H, W): the
         §4.1 inference rule (inference.py) with this model's anchors and settings."""
         height, width = padded_size
-        if image_sizes is None:
-            image_sizes = torch.tensor([[height, width]] * cls_logits.shape[0])
-        anchors = self.anchors.for_size(height, width, cls_logits.device)  # (R, 4)
+        device = cls_logits.device
+        if image_sizes is None:  # every image fills the batch; made on the device, no copy from the host
+            image_sizes = torch.full((cls_logits.shape[0], 2), height, device=device)  # (B, 2)
+            image_sizes[:, 1].fill_(width)
+        anchors = self.anchors.for_size(height, width, device)  # (R, 4)
         anchors_per_level = self.anchors.num_per_level(height, width)
-        return detect(cls_logits, box_deltas, anchors, anchors_per_level, image_sizes.to(cls_logits.device),
+        return detect(cls_logits, box_deltas, anchors, anchors_per_level, image_sizes.to(device, non_blocking=True),
                       self.settings)
 
 
