@@ -278,6 +278,13 @@ BACKBONE_STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("la
 PRETRAINED_FREEZE_AT = 2  # detectron2's FREEZE_AT = 2, torchvision's trainable_backbone_layers = 3
 
 
+def initial_freezing(started_trained: bool) -> dict:
+    """The freeze_bn and freeze_at settings of a model whose weights start trained (ImageNet's or a checkpoint's):
+    frozen BatchNorm, which needs trained statistics (freeze_batchnorm), and a frozen stem and layer1; from scratch,
+    everything trains."""
+    return dict(freeze_bn=started_trained, freeze_at=PRETRAINED_FREEZE_AT if started_trained else 0)
+
+
 def freeze_backbone(backbone: ResNet, freeze_at: int) -> None:
     """Stop training the stem and the first freeze_at - 1 residual stages: their parameters get requires_grad False.
 
@@ -334,11 +341,11 @@ def build_retinanet(
     """A RetinaNet with a ResNet-`depth` backbone; `settings` are any other ModelSettings. `pretrained` is False,
     True (torchvision's ImageNet weights) or a path to such a file. By default, starting from pretrained weights
     freezes BatchNorm and the stem + layer1 (freeze_at=2, see freeze_backbone); from scratch everything trains."""
-    started_trained = pretrained is not False
+    freezing = initial_freezing(pretrained is not False)
     return pretrained_retinanet(ModelSettings(
         num_classes=num_classes, depth=depth, **settings,
-        freeze_bn=started_trained if freeze_bn is None else freeze_bn,  # needs trained statistics: freeze_batchnorm
-        freeze_at=(PRETRAINED_FREEZE_AT if started_trained else 0) if freeze_at is None else freeze_at,
+        freeze_bn=freezing["freeze_bn"] if freeze_bn is None else freeze_bn,
+        freeze_at=freezing["freeze_at"] if freeze_at is None else freeze_at,
     ), pretrained)
 
 
