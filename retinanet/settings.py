@@ -118,12 +118,6 @@ def settings_problems(settings: ModelSettings) -> list[str]:
     return [message for ok, message in checks if not ok]
 
 
-def box_coding_name(settings: ModelSettings) -> str | None:
-    """The name in BOX_CODINGS of the settings' box coding, or None for another combination."""
-    pair = (settings.box_coder_std, settings.smooth_l1_beta)
-    return next((name for name, coding in BOX_CODINGS.items() if coding == pair), None)
-
-
 # yhenon/pytorch-retinanet, whose state dicts load here: its box coding, the paper's matching rule without
 # low-quality matches, and its resizer's 608-pixel shorter side with the longer side at most 1024.
 YHENON_SETTINGS = dict(
