@@ -2,7 +2,7 @@
 Loss" and "Optimization").
 
 Training a RetinaNet has three stages, each a function below:
-1. `match_anchors`: give each anchor the ground-truth box it overlaps most, or mark it background or ignored.
+1. `match_batch`: give each anchor the ground-truth box it overlaps most, or mark it background or ignored.
 2. `focal_loss` over every non-ignored anchor and class, and a box regression loss over foreground anchors.
 3. Normalise both "by the number of anchors assigned to a ground-truth box" (§4.1 "Focal Loss").
 
@@ -112,12 +112,6 @@ def match_batch(
         is_best_anchor = ((iou == best_iou_per_box) & (best_iou_per_box > 0)).any(dim=1)  # (B, R)
         matches = torch.where(is_best_anchor, best_box, matches)
     return matches
-
-
-def match_anchors(anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_valid: torch.Tensor,
-                  **match_kwargs) -> torch.Tensor:
-    """match_batch for one image: (R, 4) anchors, (G, 4) boxes and (G,) valid flags -> (R,) int64."""
-    return match_batch(anchors, gt_boxes[None], gt_valid[None], **match_kwargs)[0]
 
 
 def generalized_iou_loss(predicted: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:

@@ -14,7 +14,7 @@ from retinanet.losses import (
     focal_terms,
     fused_focal_terms,
     generalized_iou_loss,
-    match_anchors,
+    match_batch,
 )
 from retinanet.settings import BOX_CODINGS, ModelSettings
 
@@ -86,17 +86,17 @@ def test_matching_thresholds_and_ignore_band_by_hand():
         ]
     )
     valid = torch.tensor([True, True])
-    strict = match_anchors(anchors, gt, valid, allow_low_quality_matches=False)
+    strict = match_batch(anchors, gt[None], valid[None], allow_low_quality_matches=False)[0]
     assert strict.tolist() == [0, 0, IGNORED, IGNORED, BACKGROUND, BACKGROUND, BACKGROUND, BACKGROUND]
-    low_quality = match_anchors(anchors, gt, valid)
+    low_quality = match_batch(anchors, gt[None], valid[None])[0]
     assert low_quality.tolist() == [0, 0, IGNORED, IGNORED, BACKGROUND, 1, BACKGROUND, BACKGROUND]
 
 
 def test_matching_ignores_padding_and_empty_images():
     anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
     padded = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
-    assert match_anchors(anchors, padded, torch.tensor([False])).tolist() == [BACKGROUND]
-    assert match_anchors(anchors, torch.zeros(0, 4), torch.zeros(0, dtype=torch.bool)).tolist() == [BACKGROUND]
+    assert match_batch(anchors, padded[None], torch.tensor([[False]]))[0].tolist() == [BACKGROUND]
+    assert match_batch(anchors, torch.zeros(1, 0, 4), torch.zeros(1, 0, dtype=torch.bool))[0].tolist() == [BACKGROUND]
 
 
 def make_batch():
