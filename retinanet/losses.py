@@ -147,7 +147,8 @@ class RetinaNetLoss(nn.Module):
         self.settings = settings
         self.match_kwargs = dict(fg_iou=settings.fg_iou, bg_iou=settings.bg_iou,
                                  allow_low_quality_matches=settings.allow_low_quality_matches)
-        self.register_buffer("foreground_ema", torch.tensor(EMA_START), persistent=False)  # train.py saves it
+        # Not in the state dict: checkpoint.training_state saves it with the run's progress
+        self.register_buffer("foreground_ema", torch.tensor(EMA_START), persistent=False)
 
     def normalizer(self, num_foreground: torch.Tensor) -> torch.Tensor:
         """§4.1 "Focal Loss": "normalized by the number of anchors assigned to a ground-truth box" (at least 1)."""
