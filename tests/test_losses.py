@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
+from retinanet import losses
 from retinanet.boxes import MAX_LOG_SCALE, batched_box_iou, decode, encode
 from retinanet.losses import (
     BACKGROUND,
@@ -174,6 +175,25 @@ def test_focal_loss_gradcheck():
     logits = torch.tensor([[-3.0, 0.0, 0.5], [2.0, -0.7, 8.0]], dtype=torch.float64, requires_grad=True)
     targets = torch.tensor([[True, False, True], [False, False, True]])
     assert torch.autograd.gradcheck(lambda x: focal_loss(x, targets, 0.25, 2.0), (logits,))
+
+
+def test_focal_loss_computes_its_gradient_only_when_one_is_needed(monkeypatch):
+    gradients = []
+
+    def recording_terms(*args, **kwargs):
+        loss, gradient = focal_terms(*args, **kwargs)
+        gradients.append(gradient)
+        return loss, gradient
+
+    monkeypatch.setattr(losses, "focal_terms", recording_terms)
+    layer = torch.nn.Linear(4, 3)  # logits out of a network, as in training and evaluation
+    inputs = torch.randn(5, 4, generator=torch.Generator().manual_seed(3))
+    targets = torch.tensor([[True, False, False]] * 5)
+    with torch.no_grad():
+        without = focal_loss(layer(inputs), targets)
+    with_grad = focal_loss(layer(inputs), targets)
+    assert gradients[0] is None and gradients[1].shape == (5, 3)
+    assert torch.equal(without, with_grad.detach()) and with_grad.requires_grad
 
 
 def reference_losses(cls_logits, box_deltas, anchors, annotations, settings):
