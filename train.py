@@ -34,7 +34,7 @@ from retinanet.coco_evaluation import evaluate_coco
 from retinanet.dataloader import AspectRatioBatchSampler, CocoDataset, CSVDataset, VOCDataset, collate
 from retinanet.drawing import visualize_dataset
 from retinanet.evaluation import evaluate
-from retinanet.model import PRETRAINED_FREEZE_AT, RetinaNet, WeightsUnavailableError, pretrained_retinanet
+from retinanet.model import RetinaNet, WeightsUnavailableError, initial_freezing, pretrained_retinanet
 from retinanet.optimization import build_optimizer, default_lr, lr_factor
 from retinanet.predict import gather_predictions, predict_dataset
 from retinanet.runtime import StopRequest, default_workers, mixed_precision_dtype, setup_distributed, stop_on_signals
@@ -173,11 +173,8 @@ def settle_recipe(args: argparse.Namespace, config: argparse.Namespace, checkpoi
     if args.resume:
         return checkpoint_settings(checkpoint).as_dict()
     if args.fine_tune:
-        frozen = dict(freeze_bn=True, freeze_at=PRETRAINED_FREEZE_AT)
-        return checkpoint_settings(checkpoint).as_dict() | frozen | flag_settings(args)
-    started_trained = config.pretrained is not False
-    frozen = dict(freeze_bn=started_trained, freeze_at=PRETRAINED_FREEZE_AT if started_trained else 0)
-    return frozen | flag_settings(config)
+        return checkpoint_settings(checkpoint).as_dict() | initial_freezing(True) | flag_settings(args)
+    return initial_freezing(config.pretrained is not False) | flag_settings(config)
 
 
 def build_model(args: argparse.Namespace, config: argparse.Namespace, checkpoint: dict | None,

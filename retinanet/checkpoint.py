@@ -17,7 +17,7 @@ import torch
 
 from .files import write_atomically
 from .losses import EMA_START
-from .model import PRETRAINED_FREEZE_AT, RESNET_LAYOUTS, RetinaNet
+from .model import RESNET_LAYOUTS, RetinaNet, initial_freezing
 from .runtime import random_state, restore_random_state
 from .settings import BOX_CODINGS, YHENON_SETTINGS, ModelSettings
 
@@ -124,9 +124,9 @@ def legacy_settings(checkpoint: dict) -> dict:
         legacy["smooth_l1_beta"] = BOX_CODINGS["yhenon" if yhenon_std else "torchvision"][1]
     if "freeze_bn" not in settings and "pretrained" in args:
         started_trained = args["pretrained"] is not False or args.get("fine_tune") is not None
-        legacy["freeze_bn"] = started_trained
-        default_freeze_at = PRETRAINED_FREEZE_AT if started_trained else 0
-        legacy["freeze_at"] = args["freeze_at"] if args.get("freeze_at") is not None else default_freeze_at
+        legacy |= initial_freezing(started_trained)
+        if args.get("freeze_at") is not None:
+            legacy["freeze_at"] = args["freeze_at"]
     return legacy
 
 

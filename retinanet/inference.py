@@ -68,7 +68,7 @@ def nms_in_one_call(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Ten
 def split_into_images(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, image_index: torch.Tensor,
                       batch_size: int, max_detections: int) -> list[dict[str, torch.Tensor]]:
     """The batch's (D, ...) detections, by decreasing score, with the image each belongs to, as B dicts of at most
-    max_detections each, by decreasing score."""
+    max_detections each, in the same order."""
     order = torch.sort(image_index, stable=True).indices  # by image, by decreasing score within each image
     counts = torch.bincount(image_index, minlength=batch_size).tolist()  # detections per image, on the host
     return [

@@ -2,7 +2,7 @@
 Loss" and "Optimization").
 
 Training a RetinaNet has three stages, each a function below:
-1. `match_anchors`: give each anchor the ground-truth box it overlaps most, or mark it background or ignored.
+1. `match_batch`: give each anchor the ground-truth box it overlaps most, or mark it background or ignored.
 2. `focal_loss` over every non-ignored anchor and class, and a box regression loss over foreground anchors.
 3. Normalise both "by the number of anchors assigned to a ground-truth box" (§4.1 "Focal Loss").
 
@@ -26,9 +26,10 @@ IGNORED = -2  # IoU in [bg_iou, fg_iou): "ignored during training" (§4 "Anchors
 EMA_START = 100.0  # detectron2's first value of the moving average of the foreground count
 
 
-def focal_terms(logits: torch.Tensor, positive: torch.Tensor, alpha: float, gamma: float):
-    """The α-balanced focal loss of Eq. 5 at each element of `logits`, and its gradient with respect to them, for
-    bool targets `positive` of the same shape: the loss in float32 (or float64), the gradient in the logits' dtype.
+def focal_terms(logits: torch.Tensor, positive: torch.Tensor, alpha: float, gamma: float, with_grad: bool = True):
+    """The α-balanced focal loss of Eq. 5 at each element of `logits`, and its gradient with respect to them (None
+    if not `with_grad`), for bool targets `positive` of the same shape: the loss in float32 (or float64), the
+    gradient in the logits' dtype.
 
     Computed in logit space, so exact where a clamped probability would not be: with z = x if y = 1 else -x,
     p_t = sigmoid(z) (Eq. 2), 1 - p_t = sigmoid(-z) and -log(p_t) = log(1 + exp(-z)).
@@ -41,9 +42,11 @@ def focal_terms(logits: torch.Tensor, positive: torch.Tensor, alpha: float, gamm
     one_minus_p_t = torch.sigmoid(-z)
     modulating_factor = one_minus_p_t**gamma  # Eq. 4: "adding a modulating factor (1 - p_t)^γ"
     alpha_t = torch.where(positive, alpha, 1 - alpha) if alpha >= 0 else 1.0  # Eq. 3: α for y = 1, 1 - α for 0
+    loss = alpha_t * modulating_factor * cross_entropy
+    if not with_grad:
+        return loss, None
     # d FL / dz = -α_t (1 - p_t)^γ (γ p_t (-log p_t) + 1 - p_t), from d p_t / dz = p_t (1 - p_t); dz / dx = ±1.
     grad_z = -alpha_t * modulating_factor * (gamma * (1 - one_minus_p_t) * cross_entropy + one_minus_p_t)
-    loss = alpha_t * modulating_factor * cross_entropy
     return loss, torch.where(positive, grad_z, -grad_z).to(logits.dtype)
 
 
@@ -62,7 +65,8 @@ class FocalLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, positive: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
         terms = fused_focal_terms() if logits.is_cuda else focal_terms
-        loss, grad = terms(logits, positive, alpha, gamma)
+        # logits that need no gradient (computed under torch.no_grad, or detached): the loss alone
+        loss, grad = terms(logits, positive, alpha, gamma, with_grad=ctx.needs_input_grad[0])
         ctx.save_for_backward(grad)
         return loss
 
@@ -114,12 +118,6 @@ def match_batch(
     return matches
 
 
-def match_anchors(anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_valid: torch.Tensor,
-                  **match_kwargs) -> torch.Tensor:
-    """match_batch for one image: (R, 4) anchors, (G, 4) boxes and (G,) valid flags -> (R,) int64."""
-    return match_batch(anchors, gt_boxes[None], gt_valid[None], **match_kwargs)[0]
-
-
 def generalized_iou_loss(predicted: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """1 - GIoU (Rezatofighi et al. 2019) of (..., 4) x1y1x2y2 boxes, element-wise: (...). As torchvision's
     generalized_box_iou_loss, with intersections clamped at 0 rather than selected by a boolean mask, whose size
@@ -153,7 +151,8 @@ class RetinaNetLoss(nn.Module):
         self.settings = settings
         self.match_kwargs = dict(fg_iou=settings.fg_iou, bg_iou=settings.bg_iou,
                                  allow_low_quality_matches=settings.allow_low_quality_matches)
-        self.register_buffer("foreground_ema", torch.tensor(EMA_START), persistent=False)  # train.py saves it
+        # Not in the state dict: checkpoint.training_state saves it with the run's progress
+        self.register_buffer("foreground_ema", torch.tensor(EMA_START), persistent=False)
 
     def normalizer(self, num_foreground: torch.Tensor) -> torch.Tensor:
         """§4.1 "Focal Loss": "normalized by the number of anchors assigned to a ground-truth box" (at least 1)."""

@@ -248,11 +248,13 @@ class RetinaNet(nn.Module):
         """Detections from (B, R, K) logits and (B, R, 4) deltas of a batch padded to `padded_size` (H, W): the
         §4.1 inference rule (inference.py) with this model's anchors and settings."""
         height, width = padded_size
-        if image_sizes is None:
-            image_sizes = torch.tensor([[height, width]] * cls_logits.shape[0])
-        anchors = self.anchors.for_size(height, width, cls_logits.device)  # (R, 4)
+        device = cls_logits.device
+        if image_sizes is None:  # every image fills the batch; made on the device, no copy from the host
+            image_sizes = torch.full((cls_logits.shape[0], 2), height, device=device)  # (B, 2)
+            image_sizes[:, 1].fill_(width)
+        anchors = self.anchors.for_size(height, width, device)  # (R, 4)
         anchors_per_level = self.anchors.num_per_level(height, width)
-        return detect(cls_logits, box_deltas, anchors, anchors_per_level, image_sizes.to(cls_logits.device),
+        return detect(cls_logits, box_deltas, anchors, anchors_per_level, image_sizes.to(device, non_blocking=True),
                       self.settings)
 
 
@@ -274,6 +276,13 @@ def freeze_batchnorm(model: nn.Module) -> None:
 # What freeze_at counts, in order: the stem (conv1 + bn1), then the residual stages conv2_x .. conv5_x.
 BACKBONE_STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
 PRETRAINED_FREEZE_AT = 2  # detectron2's FREEZE_AT = 2, torchvision's trainable_backbone_layers = 3
+
+
+def initial_freezing(started_trained: bool) -> dict:
+    """The freeze_bn and freeze_at settings of a model whose weights start trained (ImageNet's or a checkpoint's):
+    frozen BatchNorm, which needs trained statistics (freeze_batchnorm), and a frozen stem and layer1; from scratch,
+    everything trains."""
+    return dict(freeze_bn=started_trained, freeze_at=PRETRAINED_FREEZE_AT if started_trained else 0)
 
 
 def freeze_backbone(backbone: ResNet, freeze_at: int) -> None:
@@ -332,11 +341,11 @@ def build_retinanet(
     """A RetinaNet with a ResNet-`depth` backbone; `settings` are any other ModelSettings. `pretrained` is False,
     True (torchvision's ImageNet weights) or a path to such a file. By default, starting from pretrained weights
     freezes BatchNorm and the stem + layer1 (freeze_at=2, see freeze_backbone); from scratch everything trains."""
-    started_trained = pretrained is not False
+    freezing = initial_freezing(pretrained is not False)
     return pretrained_retinanet(ModelSettings(
         num_classes=num_classes, depth=depth, **settings,
-        freeze_bn=started_trained if freeze_bn is None else freeze_bn,  # needs trained statistics: freeze_batchnorm
-        freeze_at=(PRETRAINED_FREEZE_AT if started_trained else 0) if freeze_at is None else freeze_at,
+        freeze_bn=freezing["freeze_bn"] if freeze_bn is None else freeze_bn,
+        freeze_at=freezing["freeze_at"] if freeze_at is None else freeze_at,
     ), pretrained)
 
 

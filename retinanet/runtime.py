@@ -23,7 +23,7 @@ def resolve_device(name: str | None = None) -> torch.device:
     fastest convolution algorithm of each input size once (cudnn.benchmark): padded sizes are multiples of 32,
     so there are few of them."""
     if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError as error:

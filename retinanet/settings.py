@@ -3,8 +3,9 @@ and losses (§3.2, §4, §4.1 "Focal Loss") and its outputs (§4.1 "Inference"),
 
 A model is built from its settings, its loss is built from the same settings, and every checkpoint stores them:
 whatever reads a checkpoint (resume, fine-tuning, evaluation, drawing, export) rebuilds exactly the model that was
-trained. Each default is the paper's where the paper gives one; where it is silent, the comment says whose choice
-it is (../PAPER_MAP.md lists what Detectron, the authors' code, detectron2 and torchvision do).
+trained. Each default is the paper's where the paper gives one (§4 and §4.1 "Inference", "Focal Loss",
+"Optimization"); where it is silent, the comment says whose choice it is (Detectron, the authors' code, detectron2
+or torchvision).
 """
 
 import dataclasses
@@ -59,7 +60,7 @@ class ModelSettings:
 
     # §4.1 "Inference"
     score_threshold: float = 0.05  # "after thresholding detector confidence at 0.05"
-    topk_candidates: int = 1000  # "decodes box predictions from at most 1k top-scoring predictions per FPN level"
+    topk_candidates: int = 1000  # "we only decode box predictions from at most 1k top-scoring predictions per FPN level"
     nms_threshold: float = 0.5  # "non-maximum suppression with a threshold of 0.5 is applied"
     max_detections: int = 100  # not in the paper: COCO scores at most 100 detections per image
 
@@ -116,12 +117,6 @@ def settings_problems(settings: ModelSettings) -> list[str]:
         (s.topk_candidates >= 1 and s.max_detections >= 1, "topk_candidates and max_detections must be at least 1"),
     ]
     return [message for ok, message in checks if not ok]
-
-
-def box_coding_name(settings: ModelSettings) -> str | None:
-    """The name in BOX_CODINGS of the settings' box coding, or None for another combination."""
-    pair = (settings.box_coder_std, settings.smooth_l1_beta)
-    return next((name for name, coding in BOX_CODINGS.items() if coding == pair), None)
 
 
 # yhenon/pytorch-retinanet, whose state dicts load here: its box coding, the paper's matching rule without

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
+from retinanet import losses
 from retinanet.boxes import MAX_LOG_SCALE, batched_box_iou, decode, encode
 from retinanet.losses import (
     BACKGROUND,
@@ -14,7 +15,7 @@ from retinanet.losses import (
     focal_terms,
     fused_focal_terms,
     generalized_iou_loss,
-    match_anchors,
+    match_batch,
 )
 from retinanet.settings import BOX_CODINGS, ModelSettings
 
@@ -86,17 +87,17 @@ def test_matching_thresholds_and_ignore_band_by_hand():
         ]
     )
     valid = torch.tensor([True, True])
-    strict = match_anchors(anchors, gt, valid, allow_low_quality_matches=False)
+    strict = match_batch(anchors, gt[None], valid[None], allow_low_quality_matches=False)[0]
     assert strict.tolist() == [0, 0, IGNORED, IGNORED, BACKGROUND, BACKGROUND, BACKGROUND, BACKGROUND]
-    low_quality = match_anchors(anchors, gt, valid)
+    low_quality = match_batch(anchors, gt[None], valid[None])[0]
     assert low_quality.tolist() == [0, 0, IGNORED, IGNORED, BACKGROUND, 1, BACKGROUND, BACKGROUND]
 
 
 def test_matching_ignores_padding_and_empty_images():
     anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
     padded = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
-    assert match_anchors(anchors, padded, torch.tensor([False])).tolist() == [BACKGROUND]
-    assert match_anchors(anchors, torch.zeros(0, 4), torch.zeros(0, dtype=torch.bool)).tolist() == [BACKGROUND]
+    assert match_batch(anchors, padded[None], torch.tensor([[False]]))[0].tolist() == [BACKGROUND]
+    assert match_batch(anchors, torch.zeros(1, 0, 4), torch.zeros(1, 0, dtype=torch.bool))[0].tolist() == [BACKGROUND]
 
 
 def make_batch():
@@ -174,6 +175,25 @@ def test_focal_loss_gradcheck():
     logits = torch.tensor([[-3.0, 0.0, 0.5], [2.0, -0.7, 8.0]], dtype=torch.float64, requires_grad=True)
     targets = torch.tensor([[True, False, True], [False, False, True]])
     assert torch.autograd.gradcheck(lambda x: focal_loss(x, targets, 0.25, 2.0), (logits,))
+
+
+def test_focal_loss_computes_its_gradient_only_when_one_is_needed(monkeypatch):
+    gradients = []
+
+    def recording_terms(*args, **kwargs):
+        loss, gradient = focal_terms(*args, **kwargs)
+        gradients.append(gradient)
+        return loss, gradient
+
+    monkeypatch.setattr(losses, "focal_terms", recording_terms)
+    layer = torch.nn.Linear(4, 3)  # logits out of a network, as in training and evaluation
+    inputs = torch.randn(5, 4, generator=torch.Generator().manual_seed(3))
+    targets = torch.tensor([[True, False, False]] * 5)
+    with torch.no_grad():
+        without = focal_loss(layer(inputs), targets)
+    with_grad = focal_loss(layer(inputs), targets)
+    assert gradients[0] is None and gradients[1].shape == (5, 3)
+    assert torch.equal(without, with_grad.detach()) and with_grad.requires_grad
 
 
 def reference_losses(cls_logits, box_deltas, anchors, annotations, settings):

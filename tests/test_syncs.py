@@ -66,6 +66,23 @@ def test_inference_waits_as_often_for_one_image_as_for_four(monkeypatch):
     assert found[1] == found[4] == ["nonzero", "nms", "tolist"]
 
 
+def test_inference_without_image_sizes_waits_no_more_and_detects_the_same(monkeypatch):
+    monkeypatch.setattr(inference, "nms_within_groups", inference.nms_in_one_call)  # as on a GPU
+    torch.manual_seed(0)
+    model = resnet18(num_classes=3).eval()
+    with torch.no_grad():
+        model.classification_subnet.output.bias.fill_(-2.0)
+    images, _ = batch(2)
+    with torch.no_grad():
+        given = model(images, image_sizes=torch.tensor([[96, 128]] * 2))  # also builds the anchors of this size
+        with HostWaits() as waits:
+            default = model(images)
+    assert waits.found == ["nonzero", "nms", "tolist"]  # no copy of the image sizes from the host
+    for expected, detection in zip(given, default):
+        assert len(detection["scores"]) > 10
+        assert all(torch.equal(expected[key], detection[key]) for key in ("boxes", "scores", "labels"))
+
+
 @pytest.mark.parametrize("count, groups", [(0, 1), (300, 4), (3000, 40)])
 def test_nms_in_one_call_keeps_what_nms_per_group_keeps(count, groups):
     """The GPU's one call and the CPU's call per group (torchvision's batched_nms above 1,000 boxes, one call below)

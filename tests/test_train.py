@@ -10,6 +10,7 @@ from conftest import tiny_run_flags
 from retinanet.checkpoint import read_checkpoint, save_checkpoint
 from retinanet.model import build_retinanet
 from retinanet.optimization import ADAMW_LR, build_optimizer, lr_factor
+from retinanet.runtime import resolve_device
 from retinanet.settings import ModelSettings
 from retinanet.shapes import make_shapes_dataset
 
@@ -186,6 +187,14 @@ def test_an_unusable_device_is_a_message_not_a_traceback(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "unknown device 'tpu9'; expected cpu, cuda or cuda:N" in result.stderr
+
+
+def test_the_default_device_sets_cudnn_benchmark_as_a_named_one_does(monkeypatch):
+    # Start from the wrong value: True without a GPU, False with one; the default device must set it either way.
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not torch.cuda.is_available())
+    device = resolve_device()
+    assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert torch.backends.cudnn.benchmark == (device.type == "cuda")
 
 
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
