@@ -83,20 +83,21 @@ def chosen_set(args: argparse.Namespace) -> str:
     return args.set_name or DEFAULT_SETS[args.dataset][args.augmented is not None]
 
 
-def build_dataset(args: argparse.Namespace) -> DetectionDataset:
-    """The images to draw on, checked before the model is loaded; plain images get the model's classes later."""
+def build_dataset(args: argparse.Namespace, checkpoint: dict | None) -> DetectionDataset:
+    """The images to draw on, checked before the model is built; plain images get the model's classes later, a
+    VOC set those of the model's `checkpoint` (None without --model) unless --csv_classes says otherwise."""
     if args.images is not None:
         return image_folder_dataset(find_images(args.images), class_names=[])
     if args.dataset == "csv":
         return CSVDataset(args.csv_annotations, args.csv_classes)
     if args.dataset == "coco":
         return CocoDataset(args.coco_path, chosen_set(args))
-    return VOCDataset(args.voc_path, chosen_set(args), class_names_to_read(args.csv_classes, args.model))
+    return VOCDataset(args.voc_path, chosen_set(args), class_names_to_read(args.csv_classes, checkpoint))
 
 
-def draw_detections(args: argparse.Namespace, dataset: DetectionDataset) -> list[str]:
-    """Load the model and draw its detections on the dataset's images; returns the paths written."""
-    model, _, device = load_for_inference(args.model, dataset, args.device, args.min_size, args.max_size)
+def draw_detections(args: argparse.Namespace, dataset: DetectionDataset, checkpoint: dict) -> list[str]:
+    """Build the model of `checkpoint` and draw its detections on the dataset's images; returns the paths written."""
+    model, _, device = load_for_inference(args.model, dataset, args.device, args.min_size, args.max_size, checkpoint)
     source = args.images or args.csv_annotations or f"{args.dataset.upper()} set {chosen_set(args)}"
     count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     print(f"drawing the detections of {args.model} with score >= {args.score_threshold:g} on {count} images of "
@@ -105,15 +106,16 @@ def draw_detections(args: argparse.Namespace, dataset: DetectionDataset) -> list
                              limit=args.limit, batch_size=args.batch_size, workers=args.workers)
 
 
-def anchor_settings(args: argparse.Namespace, num_classes: int) -> ModelSettings:
-    """The anchors and image size to draw with: the model's (--model) or the paper's, and the flags typed."""
-    settings = checkpoint_settings(read_checkpoint(args.model)) if args.model else ModelSettings(num_classes)
+def anchor_settings(args: argparse.Namespace, num_classes: int, checkpoint: dict | None) -> ModelSettings:
+    """The anchors and image size to draw with: the model's (its `checkpoint`, with --model) or the paper's, and
+    the flags typed."""
+    settings = checkpoint_settings(checkpoint) if checkpoint is not None else ModelSettings(num_classes)
     return settings.replace(**typed_settings(args, ANCHOR_FLAGS))
 
 
-def draw_anchors(args: argparse.Namespace, dataset: DetectionDataset) -> list[str]:
+def draw_anchors(args: argparse.Namespace, dataset: DetectionDataset, checkpoint: dict | None) -> list[str]:
     """Draw each ground-truth box of the dataset with its best anchor; returns the paths written."""
-    settings = anchor_settings(args, max(1, dataset.num_classes))
+    settings = anchor_settings(args, max(1, dataset.num_classes), checkpoint)
     count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     print(f"drawing the best anchor of each box on {count} images of {args.csv_annotations or chosen_set(args)}, "
           f"resized to a shorter side of {settings.min_size} (longer side at most {settings.max_size}), with "
@@ -134,9 +136,18 @@ def draw_augmented(args: argparse.Namespace, dataset: DetectionDataset) -> list[
 
 def run(args: argparse.Namespace) -> None:
     """Load the images (and the model), draw, save, and say where the drawings went."""
-    dataset = build_dataset(args)
-    draw = draw_augmented if args.augmented is not None else draw_anchors if args.anchors else draw_detections
-    paths = draw(args, dataset)
+    # The checkpoint is read once (classes, anchors, model): before a VOC set, which takes its classes; after
+    # other data, checked first.
+    checkpoint = read_checkpoint(args.model) if args.model and args.dataset == "voc" else None
+    dataset = build_dataset(args, checkpoint)
+    if args.model and args.dataset != "voc":
+        checkpoint = read_checkpoint(args.model)
+    if args.augmented is not None:
+        paths = draw_augmented(args, dataset)
+    elif args.anchors:
+        paths = draw_anchors(args, dataset, checkpoint)
+    else:
+        paths = draw_detections(args, dataset, checkpoint)
     print(f"saved {len(paths)} images to {os.path.abspath(args.output)}")
     if args.show:
         show_images(paths)

@@ -115,17 +115,13 @@ def check_class_names(model_class_names: list[str], dataset_class_names: list[st
                          f"{mismatches[:5]}; labels are indices, so both class lists must be in the same order")
 
 
-def class_names_to_read(class_list: str | None, model_path: str | None) -> list[str] | None:
-    """The class names to read a VOC set with: the class list file's if given, else those the checkpoint at
-    model_path was trained with; None without either, or for a bare state dict (the set then takes the names it
-    finds, as train.py does)."""
+def class_names_to_read(class_list: str | None, checkpoint: dict | None) -> list[str] | None:
+    """The class names to read a VOC set with: the class list file's if given, else those the model of
+    `checkpoint` (as read_checkpoint returns it) was trained with; None without either, or for a bare state dict
+    (the set then takes the names it finds, as train.py does)."""
     if class_list:
         return read_class_list(class_list)
-    if model_path is None:
-        return None
-    from .checkpoint import read_checkpoint  # the model code only here: the metrics need none
-
-    return read_checkpoint(model_path).get("class_names")
+    return checkpoint.get("class_names") if checkpoint is not None else None
 
 
 class Inference(NamedTuple):
@@ -142,15 +138,18 @@ def load_for_inference(
     device: str | None = None,
     min_size: int | None = None,
     max_size: int | None = None,
+    checkpoint: dict | None = None,
 ) -> Inference:
     """The model of the checkpoint at `model_path` on `device` (a name as for resolve_device; None: CUDA when
     available), ready to run on `dataset`: the dataset's images are resized as in training unless min_size or
     max_size say otherwise, and its classes must be the model's (a dataset without any, a folder of images, takes
-    the model's)."""
-    from .checkpoint import load_model  # the model code only here: the metrics need none
+    the model's). `checkpoint` is the file's contents where the caller has read it already."""
+    from .checkpoint import model_from_checkpoint, read_checkpoint  # the model code only here: the metrics need none
 
     device = resolve_device(device)
-    model, class_names = load_model(model_path, device)
+    checkpoint = read_checkpoint(model_path) if checkpoint is None else checkpoint
+    model = model_from_checkpoint(checkpoint).to(device).eval()
+    class_names = checkpoint.get("class_names") or [str(label) for label in range(model.num_classes)]
     if dataset.class_names:
         check_class_names(class_names, dataset.class_names)
     else:
@@ -161,10 +160,10 @@ def load_for_inference(
 
 def predict_with_checkpoint(model_path: str, dataset: DetectionDataset, source: str, device: str | None = None,
                             min_size: int | None = None, max_size: int | None = None, batch_size: int = 8,
-                            workers: int = 0) -> list[dict[str, np.ndarray]]:
+                            workers: int = 0, checkpoint: dict | None = None) -> list[dict[str, np.ndarray]]:
     """predict_dataset with the model of a checkpoint, loaded for `dataset` as load_for_inference does, saying
     what runs on what (`source` names the dataset)."""
-    model, _, device = load_for_inference(model_path, dataset, device, min_size, max_size)
+    model, _, device = load_for_inference(model_path, dataset, device, min_size, max_size, checkpoint)
     print(f"detecting with {model_path} on {len(dataset)} images of {source} ({dataset.num_classes} classes) "
           f"on {device}")
     return predict_dataset(model, dataset, batch_size=batch_size, workers=workers)

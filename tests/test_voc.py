@@ -4,14 +4,17 @@ cause and --check_data, and a one-epoch training run that evaluates, then csv_ev
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import csv_eval
 import train
+import visualize
 from retinanet import evaluation
 from retinanet.check import check_voc
-from retinanet.checkpoint import read_checkpoint
+from retinanet.checkpoint import read_checkpoint, save_checkpoint
 from retinanet.dataloader import VOCDataset
+from retinanet.model import resnet18
 from retinanet.voc import VOC_CLASSES, VOCSet, run_class_names, training_sets
 
 WIDTH, HEIGHT = 64, 48
@@ -207,6 +210,25 @@ def test_ap_leaves_difficult_boxes_out_as_computed_by_hand(tmp_path):
     detections = [[np.c_[prediction["boxes"], prediction["scores"]]] for prediction in predictions]
     annotations = [[dataset.load_annotations(i)[:, :4]] for i in range(2)]
     assert evaluation.average_precisions(detections, annotations)[0] == (pytest.approx(11 / 12), 3)
+
+
+def test_a_voc_set_with_the_models_classes_reads_the_checkpoint_once(voc2007, tmp_path, monkeypatch):
+    model = resnet18(num_classes=2)
+    path = str(tmp_path / "model.pt")
+    save_checkpoint({"model": model.state_dict(), "class_names": ["cell", "nucleus"],
+                     "model_settings": model.settings.as_dict()}, path)
+    loads = []
+
+    def counted_load(file, *args, **kwargs):
+        loads.append(file)
+        return torch.serialization.load(file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counted_load)
+    flags = ["--voc_path", str(voc2007), "--model", path, "--device", "cpu", "--min_size", "64", "--max_size", "64"]
+    assert csv_eval.main(flags) == 0 and loads == [path]
+    loads.clear()
+    flags = ["--dataset", "voc", "--anchors", "--output", str(tmp_path / "anchors"), "--limit", "1"] + flags[:4]
+    assert visualize.main(flags) == 0 and loads == [path]
 
 
 # ----------------------------------------------------------------------------------------------------- training
