@@ -42,7 +42,7 @@ from retinanet.settings import BOX_CODINGS, RESNET_DEPTHS, ModelSettings
 from retinanet.shapes import make_shapes_demo
 from retinanet.training import TrainStep
 from retinanet.transforms import build_transform
-from retinanet.voc import VOCSet, run_class_names, training_sets
+from retinanet.voc import VOCSet, read_voc_set, run_class_names, training_sets
 
 # Per-dataset defaults of the flags left unset. The demo trains a small network from scratch on small images, with
 # AdamW and yhenon's box coding: on 800 images for 6 epochs it reached mAP@0.5 0.555 with it, 0.350 with the raw
@@ -201,9 +201,10 @@ def build_datasets(config: argparse.Namespace, size: tuple[int, int], rank: int,
                 CocoDataset(config.coco_path, config.val_set, val_transform))
     if config.dataset == "voc":
         train_voc, val_voc = voc_sets(config)
-        class_names = run_class_names(config.csv_classes, (train_voc, val_voc))
-        return (VOCDataset(*train_voc, class_names, train_transform),
-                VOCDataset(*val_voc, class_names, val_transform) if val_voc else None)
+        parsed = {voc_set: read_voc_set(voc_set) for voc_set in (train_voc, val_voc) if voc_set is not None}
+        class_names = run_class_names(config.csv_classes, parsed.values())
+        return (VOCDataset(*train_voc, class_names, train_transform, parsed[train_voc]),
+                VOCDataset(*val_voc, class_names, val_transform, parsed[val_voc]) if val_voc else None)
     csv_train, csv_classes, csv_val = csv_files(config, rank, world_size)
     train_set = CSVDataset(csv_train, csv_classes, train_transform)
     val_set = CSVDataset(csv_val, csv_classes, val_transform) if csv_val else None

@@ -33,7 +33,7 @@ from torch.utils.data import Dataset, Sampler
 from .annotations import MAX_LISTED, clip_annotations, clip_to_image, load_coco, read_class_list, read_csv_annotations
 from .images import read_image_size, read_rgb_image
 from .transforms import MEAN_COLOUR, DetectionTransform, Target, Transform
-from .voc import VOCSet, boxes_of_files, found_class_names, is_voc2007_test, read_voc_set
+from .voc import ParsedVOC, VOCSet, boxes_of_files, found_class_names, is_voc2007_test, read_voc_set
 
 PADDING_ROW = -1.0  # value of the annotation rows that collate adds; the loss skips rows with class < 0
 
@@ -236,12 +236,12 @@ class VOCDataset(DetectionDataset):
     (train.py gives those of its training and validation sets: retinanet.voc.run_class_names).
     Difficult boxes train as any other; evaluation neither counts them as hits nor as misses, with the 11-point AP
     on VOC2007's test set. Malformed files and objects, unknown classes and missing images raise ValueError naming
-    the file and the line."""
+    the file and the line. `parsed` is the set as read_voc_set returns it, where the caller has read it already."""
 
     def __init__(self, roots: Sequence[str], set_name: str, class_names: list[str] | None = None,
-                 transform: Transform | None = None):
+                 transform: Transform | None = None, parsed: ParsedVOC | None = None):
         voc_set = VOCSet(tuple(roots), set_name)
-        parsed = read_voc_set(voc_set)
+        parsed = read_voc_set(voc_set) if parsed is None else parsed
         class_names = list(class_names) if class_names is not None else found_class_names(parsed.files)
         boxes = boxes_of_files(parsed.files, class_names)
         _raise_first(parsed.errors + boxes.errors, "problem(s)")

@@ -18,7 +18,7 @@ Legend for shapes: N boxes of one image.
 
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 from xml.parsers import expat
 
@@ -228,12 +228,12 @@ def found_class_names(files: list[VOCFile]) -> list[str]:
     return list(VOC_CLASSES) if names <= set(VOC_CLASSES) else sorted(names)
 
 
-def run_class_names(class_list: str | None, sets: Sequence[VOCSet | None]) -> list[str]:
-    """The classes of a run on these sets (its training and validation sets; None for none): those of the class
-    list file (the CSV format's) if given, else found_class_names over all their files."""
+def run_class_names(class_list: str | None, parsed_sets: Iterable[ParsedVOC]) -> list[str]:
+    """The classes of a run on these sets (its training and validation sets, as read_voc_set returns them): those
+    of the class list file (the CSV format's) if given, else found_class_names over all their files."""
     if class_list:
         return read_class_list(class_list)
-    return found_class_names([file for voc_set in sets if voc_set is not None for file in read_voc_set(voc_set).files])
+    return found_class_names([file for parsed in parsed_sets for file in parsed.files])
 
 
 class VOCBoxes(NamedTuple):
