@@ -210,11 +210,9 @@ def predict_windows(model: nn.Module, dataset: ImageWindows, batch_size: int = 8
     `dataset`, `batch_size` windows at a time, and merge each image's windows (merge_tiles). Returns, per image,
     predict_dataset's dict in the image's pixels, or None for an image that could not be read: its position is
     then in dataset.unreadable, or its windows failed to decode (dataset.undecodable_reason says why)."""
-    device = next(model.parameters()).device
     predictions = []
     if len(dataset):  # no window: no image could be read
-        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-            predictions = predict_dataset(model, dataset, batch_size=batch_size, workers=workers)
+        predictions = predict_dataset(model, dataset, batch_size=batch_size, workers=workers)
     merged: list[dict[str, np.ndarray] | None] = [None] * len(dataset.images)
     for number, pairs in itertools.groupby(zip(dataset.windows, predictions), key=lambda pair: pair[0].image):
         windows, window_predictions = zip(*pairs)
