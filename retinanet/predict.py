@@ -124,6 +124,12 @@ def class_names_to_read(class_list: str | None, checkpoint: dict | None) -> list
     return checkpoint.get("class_names") if checkpoint is not None else None
 
 
+def given_settings(**settings) -> dict:
+    """The model settings among `settings` that are given (not None): changes to a checkpoint's, as
+    model_from_checkpoint and load_model take them."""
+    return {name: value for name, value in settings.items() if value is not None}
+
+
 class Inference(NamedTuple):
     """What running a trained model needs: the model in eval mode, its class names and its device."""
 
@@ -148,13 +154,14 @@ def load_for_inference(
 
     device = resolve_device(device)
     checkpoint = read_checkpoint(model_path) if checkpoint is None else checkpoint
-    model = model_from_checkpoint(checkpoint).to(device).eval()
+    sizes = given_settings(min_size=min_size, max_size=max_size)
+    model = model_from_checkpoint(checkpoint, **sizes).to(device).eval()  # model.settings: the sizes it runs at
     class_names = checkpoint.get("class_names") or [str(label) for label in range(model.num_classes)]
     if dataset.class_names:
         check_class_names(class_names, dataset.class_names)
     else:
         dataset.class_names = class_names
-    dataset.transform = build_transform(False, min_size or model.settings.min_size, max_size or model.settings.max_size)
+    dataset.transform = build_transform(False, model.settings.min_size, model.settings.max_size)
     return Inference(model, class_names, device)
 
 
