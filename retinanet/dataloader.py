@@ -101,8 +101,7 @@ class DetectionDataset(Dataset):
 
     def image_size(self, index: int) -> tuple[int, int]:
         """(height, width) of the image file, read from its header."""
-        width, height = read_image_size(self.image_paths[index])
-        return height, width
+        return read_image_size(self.image_paths[index])
 
     def aspect_ratio(self, index: int) -> float:
         """Width / height of the image file."""

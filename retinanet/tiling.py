@@ -78,8 +78,7 @@ class Window(NamedTuple):
 def image_size(image: str | torch.Tensor) -> tuple[int, int]:
     """(height, width) of a (3, H, W) uint8 RGB tensor, or of an image file, from its header."""
     if not isinstance(image, torch.Tensor):
-        width, height = read_image_size(image)
-        return height, width
+        return read_image_size(image)
     if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
         raise ValueError(f"expected an image file or a (3, H, W) uint8 RGB tensor (as read_rgb_image returns), got a "
                          f"{image.dtype} tensor of shape {tuple(image.shape)}")
