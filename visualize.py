@@ -30,8 +30,8 @@ from retinanet.checkpoint import checkpoint_settings, read_checkpoint
 from retinanet.cli import add_anchor_arguments, add_inference_arguments, require_dataset_flags, run_script
 from retinanet.cli import typed_settings
 from retinanet.dataloader import CocoDataset, CSVDataset, DetectionDataset, VOCDataset
-from retinanet.drawing import draw_training_samples, image_folder_dataset, show_images, visualize_anchors
-from retinanet.drawing import visualize_dataset
+from retinanet.drawing import DRAW_THRESHOLD, draw_training_samples, image_folder_dataset, show_images
+from retinanet.drawing import visualize_anchors, visualize_dataset
 from retinanet.images import find_images
 from retinanet.predict import class_names_to_read, load_for_inference
 from retinanet.settings import ModelSettings
@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jitter", type=int, nargs=2, metavar=("MIN", "MAX"), help="with --augmented: train.py's scale jitter")
     parser.add_argument("--seed", type=int, default=0, help="with --augmented: train.py's random seed (default 0)")
     parser.add_argument("--output", default="visualizations", metavar="DIR", help="where the drawn images are saved (default: visualizations)")
-    parser.add_argument("--score_threshold", type=float, default=0.5, help="draw detections with at least this score (default 0.5)")
+    parser.add_argument("--score_threshold", type=float, default=DRAW_THRESHOLD, help=f"draw detections with at least this score (default {DRAW_THRESHOLD})")
     parser.add_argument("--limit", type=int, metavar="N", help="draw only the first N images (default: all)")
     parser.add_argument("--show", action="store_true", help="also open the drawn images in matplotlib windows (needs a display)")
     parser.add_argument("--anchors", action="store_true", help="draw each ground-truth box with its best anchor instead (green: IoU >= 0.5, red: below), at the training image size; needs --dataset; with --model, its anchors and image size")

@@ -36,6 +36,7 @@ CAPTION_MARGIN = 4
 COVERED_COLOUR = (0, 200, 0)  # a best anchor of IoU >= fg_iou: the box is a foreground target (§4 "Anchors")
 UNCOVERED_COLOUR = (255, 0, 0)  # a best anchor below fg_iou
 GROUND_TRUTH_COLOUR = (255, 255, 255)
+DRAW_THRESHOLD = 0.5  # the detections drawn: the 0.05 of §4.1's inference is far too many boxes to look at
 
 
 # ---------------------------------------------------------------------------------------------------- drawing
@@ -114,7 +115,7 @@ def render(
     image: torch.Tensor,
     prediction: dict[str, np.ndarray],
     class_names: list[str],
-    score_threshold: float = 0.5,
+    score_threshold: float = DRAW_THRESHOLD,
     annotations: np.ndarray | None = None,
 ) -> torch.Tensor:
     """`image` (3, H, W) uint8 with the predictions of score >= score_threshold drawn on it: (3, H, W). With
@@ -181,7 +182,7 @@ def visualize_dataset(
     dataset: DetectionDataset,
     class_names: list[str],
     output_dir: str,
-    score_threshold: float = 0.5,
+    score_threshold: float = DRAW_THRESHOLD,
     limit: int | None = 8,
     batch_size: int = 8,
     workers: int = 0,
@@ -204,7 +205,7 @@ def draw_predictions(
     predictions: list[dict[str, np.ndarray]],
     class_names: list[str],
     output_dir: str,
-    score_threshold: float = 0.5,
+    score_threshold: float = DRAW_THRESHOLD,
     annotations: list[np.ndarray] | None = None,
 ) -> list[str]:
     """Save each image into output_dir (named by output_names) with its predictions (boxes in its pixels) of score
