@@ -16,6 +16,7 @@ from retinanet.checkpoint import read_checkpoint, save_checkpoint
 from retinanet.dataloader import VOCDataset
 from retinanet.model import resnet18
 from retinanet.voc import VOC_CLASSES, VOCSet, read_voc_set, run_class_names, training_sets
+from test_eval import average_precisions
 
 WIDTH, HEIGHT = 64, 48
 # id -> objects (name, (xmin, ymin, xmax, ymax) 1-based inclusive as VOC writes them, difficult, truncated)
@@ -225,7 +226,7 @@ def test_ap_leaves_difficult_boxes_out_as_computed_by_hand(tmp_path):
     # precision 1, 1, 2/3, 3/4 at recall 1/3, 2/3, 2/3, 1; AP (1 + 1 + 3/4) / 3 = 11/12.
     detections = [[np.c_[prediction["boxes"], prediction["scores"]]] for prediction in predictions]
     annotations = [[dataset.load_annotations(i)[:, :4]] for i in range(2)]
-    assert evaluation.average_precisions(detections, annotations)[0] == (pytest.approx(11 / 12), 3)
+    assert average_precisions(detections, annotations)[0] == (pytest.approx(11 / 12), 3)
 
 
 def test_a_voc_set_with_the_models_classes_reads_the_checkpoint_once(voc2007, tmp_path, monkeypatch):
