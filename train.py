@@ -420,7 +420,7 @@ def main(argv=None) -> int:
     trainer.log(f"done: checkpoints in {os.path.abspath(config.output_dir)}")
     if config.dataset == "shapes" and rank == 0:
         drawings = os.path.join(config.output_dir, "detections")
-        paths = visualize_dataset(model.eval(), val_set, val_set.class_names, drawings)
+        paths = visualize_dataset(model.eval(), val_set, drawings)
         trainer.log("detections (right) next to the ground truth (left) on validation images:\n  " + "\n  ".join(paths))
     if world_size > 1:
         dist.destroy_process_group()

@@ -102,7 +102,7 @@ def draw_detections(args: argparse.Namespace, dataset: DetectionDataset, checkpo
     count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     print(f"drawing the detections of {args.model} with score >= {args.score_threshold:g} on {count} images of "
           f"{source} on {device}")
-    return visualize_dataset(model, dataset, dataset.class_names, args.output, score_threshold=args.score_threshold,
+    return visualize_dataset(model, dataset, args.output, score_threshold=args.score_threshold,
                              limit=args.limit, batch_size=args.batch_size, workers=args.workers)
 
 

@@ -180,7 +180,6 @@ def first_images(dataset: DetectionDataset, limit: int | None, transform: Transf
 def visualize_dataset(
     model: nn.Module,
     dataset: DetectionDataset,
-    class_names: list[str],
     output_dir: str,
     score_threshold: float = DRAW_THRESHOLD,
     limit: int | None = 8,
@@ -189,14 +188,15 @@ def visualize_dataset(
 ) -> list[str]:
     """Detect with `model` (in eval mode) on the first `limit` images of `dataset` (all if None) and save each
     image into output_dir with its detections of score >= score_threshold drawn on it; if any image of the dataset
-    is annotated, the ground truth next to them (see render). Returns the paths written, in dataset order."""
+    is annotated, the ground truth next to them (see render), each box named by dataset.class_names. Returns the
+    paths written, in dataset order."""
     if not 0.0 <= score_threshold <= 1.0:
         raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
     subset = first_images(dataset, limit, dataset.transform)
     image_paths, annotations = subset.image_paths, subset.annotations
     has_ground_truth = any(len(dataset.load_annotations(index)) for index in range(len(dataset)))
     predictions = predict_dataset(model, subset, batch_size=batch_size, workers=workers)
-    return draw_predictions(image_paths, predictions, class_names, output_dir, score_threshold,
+    return draw_predictions(image_paths, predictions, dataset.class_names, output_dir, score_threshold,
                             annotations if has_ground_truth else None)
 
 

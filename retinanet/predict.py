@@ -35,15 +35,14 @@ def detections_to_host(detections: list[dict[str, torch.Tensor]]) -> list[dict[s
 def to_original_pixels(
     detection: dict[str, torch.Tensor], scale: float, original_size: tuple[int, int]
 ) -> dict[str, np.ndarray]:
-    """One image's detections in the pixels of its image file: boxes divided by the resize scale and clipped to
-    the original (height, width). Returns numpy arrays boxes (D, 4), scores (D,), labels (D,), and the
-    image_size (height, width) of the file."""
-    boxes = detection["boxes"].detach().float().cpu() / scale  # (D, 4)
-    boxes = clip_boxes_to_image(boxes, tuple(original_size))
+    """One image's detections on the host (as detections_to_host gives them) in the pixels of its image file: boxes
+    divided by the resize scale and clipped to the original (height, width). Returns numpy arrays boxes (D, 4),
+    scores (D,), labels (D,), and the image_size (height, width) of the file."""
+    boxes = clip_boxes_to_image(detection["boxes"] / scale, tuple(original_size))  # (D, 4)
     return {
         "boxes": boxes.numpy(),
-        "scores": detection["scores"].detach().float().cpu().numpy(),
-        "labels": detection["labels"].detach().cpu().long().numpy(),
+        "scores": detection["scores"].numpy(),
+        "labels": detection["labels"].numpy(),
         "image_size": tuple(original_size),
     }
 
