@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from retinanet.augmentations import AUGMENTATIONS
@@ -31,7 +30,7 @@ from retinanet.checkpoint import checkpoint_settings, model_from_checkpoint, rea
 from retinanet.checkpoint import restore_training_state, save_checkpoint, training_state
 from retinanet.cli import add_anchor_arguments, require_dataset_flags, run_script, typed_settings
 from retinanet.coco_evaluation import evaluate_coco
-from retinanet.dataloader import AspectRatioBatchSampler, CocoDataset, CSVDataset, VOCDataset, collate
+from retinanet.dataloader import CocoDataset, CSVDataset, VOCDataset, training_loader
 from retinanet.drawing import visualize_dataset
 from retinanet.evaluation import evaluate
 from retinanet.model import PRETRAINED_FREEZE_AT, RetinaNet, WeightsUnavailableError, pretrained_retinanet
@@ -245,12 +244,8 @@ class Trainer:
     def __init__(self, config, model, train_set, val_set, device: torch.device, rank: int, world_size: int):
         self.config, self.device, self.rank, self.world_size = config, device, rank, world_size
         self.model, self.train_set, self.val_set = model.to(device), train_set, val_set
-        self.sampler = AspectRatioBatchSampler(
-            [train_set.aspect_ratio(i) for i in range(len(train_set))], config.batch_size, shuffle=True,
-            num_replicas=world_size, rank=rank, seed=config.seed, seed_items=True,
-        )
-        self.loader = DataLoader(train_set, batch_sampler=self.sampler, collate_fn=collate, num_workers=config.workers,
-                                 pin_memory=device.type == "cuda", persistent_workers=config.workers > 0)
+        self.sampler, self.loader = training_loader(train_set, config.batch_size, config.workers, config.seed, rank,
+                                                    world_size, pin_memory=device.type == "cuda")
         self.iters_per_epoch = len(self.sampler)
         self.total_iters = config.iters or config.epochs * self.iters_per_epoch
         self.optimizer = build_optimizer(self.model, config.optimizer, config.lr, config.momentum, config.weight_decay)

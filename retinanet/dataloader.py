@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .annotations import MAX_LISTED, clip_annotations, clip_to_image, load_coco, read_class_list, read_csv_annotations
 from .images import read_image_size, read_rgb_image
@@ -372,3 +372,21 @@ class AspectRatioBatchSampler(Sampler[list[int]]):
         if self.drop_last:
             return sum(count // self.batch_size for count in counts) // self.num_replicas
         return math.ceil(sum(math.ceil(count / self.batch_size) for count in counts) / self.num_replicas)
+
+
+def aspect_ratios(dataset) -> list[float]:
+    """Width / height of every image of `dataset` (anything with len() and aspect_ratio(index)), in its order:
+    what AspectRatioBatchSampler groups by."""
+    return [dataset.aspect_ratio(index) for index in range(len(dataset))]
+
+
+def training_loader(dataset: DetectionDataset, batch_size: int, workers: int = 0, seed: int = 0, rank: int = 0,
+                    world_size: int = 1, pin_memory: bool = False) -> tuple[AspectRatioBatchSampler, DataLoader]:
+    """What train.py's loop iterates over: batches of one orientation, shuffled from `seed` and the epoch (set it
+    with sampler.set_epoch), each item with its own seed for the random transforms; with world_size > 1, the
+    share of process `rank`. Returns the sampler and the loader."""
+    sampler = AspectRatioBatchSampler(aspect_ratios(dataset), batch_size, shuffle=True, num_replicas=world_size,
+                                      rank=rank, seed=seed, seed_items=True)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                        pin_memory=pin_memory, persistent_workers=workers > 0)
+    return sampler, loader

@@ -15,13 +15,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import nn
-from torch.utils.data import DataLoader
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
 from .anchors import anchors_of
 from .coverage import best_anchors
-from .dataloader import AspectRatioBatchSampler, DetectionDataset, collate
+from .dataloader import DetectionDataset, training_loader
 from .images import read_rgb_image
 from .predict import predict_dataset
 from .settings import ModelSettings
@@ -229,9 +228,7 @@ def draw_training_samples(
     Returns the paths written, in training order."""
     if count < 1:
         raise ValueError(f"the number of samples to draw must be at least 1, got {count}")
-    aspect_ratios = [dataset.aspect_ratio(index) for index in range(len(dataset))]
-    sampler = AspectRatioBatchSampler(aspect_ratios, batch_size, shuffle=True, seed=seed, seed_items=True)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers)
+    _, loader = training_loader(dataset, batch_size, workers, seed)
     indices, pictures = [], []
     with tqdm(total=min(count, len(dataset)), desc="augmenting", unit="image") as progress:
         for batch in loader:

@@ -17,7 +17,7 @@ from torchvision.ops import clip_boxes_to_image
 from tqdm import tqdm
 
 from .annotations import read_class_list
-from .dataloader import AspectRatioBatchSampler, DetectionDataset, collate
+from .dataloader import AspectRatioBatchSampler, DetectionDataset, aspect_ratios, collate
 from .runtime import inference_autocast, resolve_device
 from .transforms import build_transform
 
@@ -69,8 +69,8 @@ def predict_dataset(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    aspect_ratios = [dataset.aspect_ratio(index) for index in range(len(dataset))]
-    batches = AspectRatioBatchSampler(aspect_ratios, batch_size, shuffle=False, num_replicas=world_size, rank=rank)
+    batches = AspectRatioBatchSampler(aspect_ratios(dataset), batch_size, shuffle=False, num_replicas=world_size,
+                                      rank=rank)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                         pin_memory=device.type == "cuda")
     predictions: list[dict[str, np.ndarray] | None] = [None] * len(dataset)
