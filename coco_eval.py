@@ -6,11 +6,10 @@ and scored by pycocotools' COCOeval.
 """
 
 import argparse
-import os
 import sys
 
 from retinanet.cli import add_inference_arguments, inference_options, run_script
-from retinanet.coco_evaluation import evaluate_coco, results_path
+from retinanet.coco_evaluation import evaluate_coco
 from retinanet.dataloader import CocoDataset
 from retinanet.predict import predict_with_checkpoint
 
@@ -28,8 +27,7 @@ def run(args: argparse.Namespace) -> None:
     dataset = CocoDataset(args.coco_path, args.set_name)  # check the annotations before loading the model
     predictions = predict_with_checkpoint(args.model, dataset, f"COCO {args.set_name}", **inference_options(args))
     stats = evaluate_coco(predictions, dataset, output_dir=args.output_dir, set_name=args.set_name)
-    print(f"AP@[.5:.95] {stats[0]:.4f}, AP50 {stats[1]:.4f}, AP75 {stats[2]:.4f}; detections saved in "
-          f"{os.path.abspath(results_path(args.output_dir, args.set_name))}")
+    print(f"AP@[.5:.95] {stats[0]:.4f}, AP50 {stats[1]:.4f}, AP75 {stats[2]:.4f}")
 
 
 def main(argv: list[str] | None = None) -> int:

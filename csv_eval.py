@@ -41,18 +41,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_dataset(args: argparse.Namespace) -> DetectionDataset:
-    """The dataset to evaluate on, read (and so checked) before the model is loaded; VOC classes are the model's
-    unless --csv_classes says otherwise."""
+def build_dataset(args: argparse.Namespace, checkpoint: dict | None) -> DetectionDataset:
+    """The dataset to evaluate on, read (and so checked) before the model is built; VOC classes are those of the
+    model's `checkpoint` unless --csv_classes says otherwise."""
     if args.csv_annotations:
         return CSVDataset(args.csv_annotations, args.csv_classes)
-    return VOCDataset(args.voc_path, args.set_name, class_names_to_read(args.csv_classes, args.model))
+    return VOCDataset(args.voc_path, args.set_name, class_names_to_read(args.csv_classes, checkpoint))
 
 
 def run(args: argparse.Namespace) -> None:
-    dataset = build_dataset(args)
+    from retinanet.checkpoint import read_checkpoint  # the model code only here: the metrics need none
+
+    # The checkpoint is read once (classes, model): before a VOC set, which takes its classes; after a CSV set,
+    # checked first.
+    checkpoint = read_checkpoint(args.model) if args.voc_path else None
+    dataset = build_dataset(args, checkpoint)
+    if checkpoint is None:
+        checkpoint = read_checkpoint(args.model)
     source = args.csv_annotations or f"VOC set {args.set_name} of {', '.join(args.voc_path)}"
-    predictions = predict_with_checkpoint(args.model, dataset, source, **inference_options(args))
+    predictions = predict_with_checkpoint(args.model, dataset, source, checkpoint=checkpoint,
+                                          **inference_options(args))
     evaluate(predictions, dataset, iou_threshold=args.iou_threshold, score_threshold=args.score_threshold,
              use_07_metric=args.voc07, pr_curves_dir=args.pr_curves)
     if args.pr_curves is None:

@@ -19,13 +19,10 @@ import os
 import sys
 
 from retinanet.cli import add_inference_arguments, inference_options, run_script
-from retinanet.drawing import draw_predictions
+from retinanet.drawing import DRAW_THRESHOLD, draw_predictions
 from retinanet.prediction_files import collect_images, output_format, predict_files, write_detections
 from retinanet.runtime import default_workers
 from retinanet.tiling import DEFAULT_OVERLAP
-
-DRAW_THRESHOLD = 0.5  # as visualize.py: the 0.05 of §4.1's inference is far too many boxes to look at
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from retinanet.augmentations import AUGMENTATIONS
@@ -31,7 +30,7 @@ from retinanet.checkpoint import checkpoint_settings, model_from_checkpoint, rea
 from retinanet.checkpoint import restore_training_state, save_checkpoint, training_state
 from retinanet.cli import add_anchor_arguments, require_dataset_flags, run_script, typed_settings
 from retinanet.coco_evaluation import evaluate_coco
-from retinanet.dataloader import AspectRatioBatchSampler, CocoDataset, CSVDataset, VOCDataset, collate
+from retinanet.dataloader import CocoDataset, CSVDataset, VOCDataset, training_loader
 from retinanet.drawing import visualize_dataset
 from retinanet.evaluation import evaluate
 from retinanet.model import RetinaNet, WeightsUnavailableError, initial_freezing, pretrained_retinanet
@@ -42,7 +41,7 @@ from retinanet.settings import BOX_CODINGS, RESNET_DEPTHS, ModelSettings
 from retinanet.shapes import make_shapes_demo
 from retinanet.training import TrainStep
 from retinanet.transforms import build_transform
-from retinanet.voc import VOCSet, run_class_names, training_sets
+from retinanet.voc import VOCSet, read_voc_set, run_class_names, training_sets
 
 # Per-dataset defaults of the flags left unset. The demo trains a small network from scratch on small images, with
 # AdamW and yhenon's box coding: on 800 images for 6 epochs it reached mAP@0.5 0.555 with it, 0.350 with the raw
@@ -198,9 +197,10 @@ def build_datasets(config: argparse.Namespace, size: tuple[int, int], rank: int,
                 CocoDataset(config.coco_path, config.val_set, val_transform))
     if config.dataset == "voc":
         train_voc, val_voc = voc_sets(config)
-        class_names = run_class_names(config.csv_classes, (train_voc, val_voc))
-        return (VOCDataset(*train_voc, class_names, train_transform),
-                VOCDataset(*val_voc, class_names, val_transform) if val_voc else None)
+        parsed = {voc_set: read_voc_set(voc_set) for voc_set in (train_voc, val_voc) if voc_set is not None}
+        class_names = run_class_names(config.csv_classes, parsed.values())
+        return (VOCDataset(*train_voc, class_names, train_transform, parsed[train_voc]),
+                VOCDataset(*val_voc, class_names, val_transform, parsed[val_voc]) if val_voc else None)
     csv_train, csv_classes, csv_val = csv_files(config, rank, world_size)
     train_set = CSVDataset(csv_train, csv_classes, train_transform)
     val_set = CSVDataset(csv_val, csv_classes, val_transform) if csv_val else None
@@ -241,12 +241,8 @@ class Trainer:
     def __init__(self, config, model, train_set, val_set, device: torch.device, rank: int, world_size: int):
         self.config, self.device, self.rank, self.world_size = config, device, rank, world_size
         self.model, self.train_set, self.val_set = model.to(device), train_set, val_set
-        self.sampler = AspectRatioBatchSampler(
-            [train_set.aspect_ratio(i) for i in range(len(train_set))], config.batch_size, shuffle=True,
-            num_replicas=world_size, rank=rank, seed=config.seed, seed_items=True,
-        )
-        self.loader = DataLoader(train_set, batch_sampler=self.sampler, collate_fn=collate, num_workers=config.workers,
-                                 pin_memory=device.type == "cuda", persistent_workers=config.workers > 0)
+        self.sampler, self.loader = training_loader(train_set, config.batch_size, config.workers, config.seed, rank,
+                                                    world_size, pin_memory=device.type == "cuda")
         self.iters_per_epoch = len(self.sampler)
         self.total_iters = config.iters or config.epochs * self.iters_per_epoch
         self.optimizer = build_optimizer(self.model, config.optimizer, config.lr, config.momentum, config.weight_decay)
@@ -416,7 +412,7 @@ def main(argv=None) -> int:
     trainer.log(f"done: checkpoints in {os.path.abspath(config.output_dir)}")
     if config.dataset == "shapes" and rank == 0:
         drawings = os.path.join(config.output_dir, "detections")
-        paths = visualize_dataset(model.eval(), val_set, val_set.class_names, drawings)
+        paths = visualize_dataset(model.eval(), val_set, drawings)
         trainer.log("detections (right) next to the ground truth (left) on validation images:\n  " + "\n  ".join(paths))
     if world_size > 1:
         dist.destroy_process_group()

@@ -30,8 +30,8 @@ from retinanet.checkpoint import checkpoint_settings, read_checkpoint
 from retinanet.cli import add_anchor_arguments, add_inference_arguments, require_dataset_flags, run_script
 from retinanet.cli import typed_settings
 from retinanet.dataloader import CocoDataset, CSVDataset, DetectionDataset, VOCDataset
-from retinanet.drawing import draw_training_samples, image_folder_dataset, show_images, visualize_anchors
-from retinanet.drawing import visualize_dataset
+from retinanet.drawing import DRAW_THRESHOLD, draw_training_samples, image_folder_dataset, show_images
+from retinanet.drawing import visualize_anchors, visualize_dataset
 from retinanet.images import find_images
 from retinanet.predict import class_names_to_read, load_for_inference
 from retinanet.settings import ModelSettings
@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jitter", type=int, nargs=2, metavar=("MIN", "MAX"), help="with --augmented: train.py's scale jitter")
     parser.add_argument("--seed", type=int, default=0, help="with --augmented: train.py's random seed (default 0)")
     parser.add_argument("--output", default="visualizations", metavar="DIR", help="where the drawn images are saved (default: visualizations)")
-    parser.add_argument("--score_threshold", type=float, default=0.5, help="draw detections with at least this score (default 0.5)")
+    parser.add_argument("--score_threshold", type=float, default=DRAW_THRESHOLD, help=f"draw detections with at least this score (default {DRAW_THRESHOLD})")
     parser.add_argument("--limit", type=int, metavar="N", help="draw only the first N images (default: all)")
     parser.add_argument("--show", action="store_true", help="also open the drawn images in matplotlib windows (needs a display)")
     parser.add_argument("--anchors", action="store_true", help="draw each ground-truth box with its best anchor instead (green: IoU >= 0.5, red: below), at the training image size; needs --dataset; with --model, its anchors and image size")
@@ -83,37 +83,39 @@ def chosen_set(args: argparse.Namespace) -> str:
     return args.set_name or DEFAULT_SETS[args.dataset][args.augmented is not None]
 
 
-def build_dataset(args: argparse.Namespace) -> DetectionDataset:
-    """The images to draw on, checked before the model is loaded; plain images get the model's classes later."""
+def build_dataset(args: argparse.Namespace, checkpoint: dict | None) -> DetectionDataset:
+    """The images to draw on, checked before the model is built; plain images get the model's classes later, a
+    VOC set those of the model's `checkpoint` (None without --model) unless --csv_classes says otherwise."""
     if args.images is not None:
         return image_folder_dataset(find_images(args.images), class_names=[])
     if args.dataset == "csv":
         return CSVDataset(args.csv_annotations, args.csv_classes)
     if args.dataset == "coco":
         return CocoDataset(args.coco_path, chosen_set(args))
-    return VOCDataset(args.voc_path, chosen_set(args), class_names_to_read(args.csv_classes, args.model))
+    return VOCDataset(args.voc_path, chosen_set(args), class_names_to_read(args.csv_classes, checkpoint))
 
 
-def draw_detections(args: argparse.Namespace, dataset: DetectionDataset) -> list[str]:
-    """Load the model and draw its detections on the dataset's images; returns the paths written."""
-    model, _, device = load_for_inference(args.model, dataset, args.device, args.min_size, args.max_size)
+def draw_detections(args: argparse.Namespace, dataset: DetectionDataset, checkpoint: dict) -> list[str]:
+    """Build the model of `checkpoint` and draw its detections on the dataset's images; returns the paths written."""
+    model, _, device = load_for_inference(args.model, dataset, args.device, args.min_size, args.max_size, checkpoint)
     source = args.images or args.csv_annotations or f"{args.dataset.upper()} set {chosen_set(args)}"
     count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     print(f"drawing the detections of {args.model} with score >= {args.score_threshold:g} on {count} images of "
           f"{source} on {device}")
-    return visualize_dataset(model, dataset, dataset.class_names, args.output, score_threshold=args.score_threshold,
+    return visualize_dataset(model, dataset, args.output, score_threshold=args.score_threshold,
                              limit=args.limit, batch_size=args.batch_size, workers=args.workers)
 
 
-def anchor_settings(args: argparse.Namespace, num_classes: int) -> ModelSettings:
-    """The anchors and image size to draw with: the model's (--model) or the paper's, and the flags typed."""
-    settings = checkpoint_settings(read_checkpoint(args.model)) if args.model else ModelSettings(num_classes)
+def anchor_settings(args: argparse.Namespace, num_classes: int, checkpoint: dict | None) -> ModelSettings:
+    """The anchors and image size to draw with: the model's (its `checkpoint`, with --model) or the paper's, and
+    the flags typed."""
+    settings = checkpoint_settings(checkpoint) if checkpoint is not None else ModelSettings(num_classes)
     return settings.replace(**typed_settings(args, ANCHOR_FLAGS))
 
 
-def draw_anchors(args: argparse.Namespace, dataset: DetectionDataset) -> list[str]:
+def draw_anchors(args: argparse.Namespace, dataset: DetectionDataset, checkpoint: dict | None) -> list[str]:
     """Draw each ground-truth box of the dataset with its best anchor; returns the paths written."""
-    settings = anchor_settings(args, max(1, dataset.num_classes))
+    settings = anchor_settings(args, max(1, dataset.num_classes), checkpoint)
     count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     print(f"drawing the best anchor of each box on {count} images of {args.csv_annotations or chosen_set(args)}, "
           f"resized to a shorter side of {settings.min_size} (longer side at most {settings.max_size}), with "
@@ -134,9 +136,18 @@ def draw_augmented(args: argparse.Namespace, dataset: DetectionDataset) -> list[
 
 def run(args: argparse.Namespace) -> None:
     """Load the images (and the model), draw, save, and say where the drawings went."""
-    dataset = build_dataset(args)
-    draw = draw_augmented if args.augmented is not None else draw_anchors if args.anchors else draw_detections
-    paths = draw(args, dataset)
+    # The checkpoint is read once (classes, anchors, model): before a VOC set, which takes its classes; after
+    # other data, checked first.
+    checkpoint = read_checkpoint(args.model) if args.model and args.dataset == "voc" else None
+    dataset = build_dataset(args, checkpoint)
+    if args.model and args.dataset != "voc":
+        checkpoint = read_checkpoint(args.model)
+    if args.augmented is not None:
+        paths = draw_augmented(args, dataset)
+    elif args.anchors:
+        paths = draw_anchors(args, dataset, checkpoint)
+    else:
+        paths = draw_detections(args, dataset, checkpoint)
     print(f"saved {len(paths)} images to {os.path.abspath(args.output)}")
     if args.show:
         show_images(paths)

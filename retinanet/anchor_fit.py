@@ -124,6 +124,11 @@ def measured_fit(boxes: torch.Tensor, image_sizes: torch.Tensor, settings: Model
     return AnchorFit(fitted, jitter, after, before) if after >= before else AnchorFit(settings, jitter, before, before)
 
 
+def sample_size(settings: ModelSettings, jitter: tuple[int, int] | None = None) -> int:
+    """How many boxes the fit searches on: FIT_SAMPLE (box, image size) pairs over the shorter sides measured."""
+    return math.ceil(FIT_SAMPLE / len(shorter_sides(settings.min_size, jitter)))
+
+
 def fit_anchors(boxes: np.ndarray | torch.Tensor, image_sizes: np.ndarray | torch.Tensor, settings: ModelSettings,
                 jitter: tuple[int, int] | None = None, seed: int = 0) -> tuple[AnchorFit, AnchorFit | None]:
     """Anchors fitted to (G, 4) boxes in the pixels of their (G, 2) images (height, width): the scales and ratios
@@ -133,8 +138,8 @@ def fit_anchors(boxes: np.ndarray | torch.Tensor, image_sizes: np.ndarray | torc
     boxes, image_sizes = box_tensors(boxes, image_sizes)
     if len(boxes) == 0:
         raise ValueError("no boxes to fit anchors to")
-    sampled = sample(boxes, image_sizes, math.ceil(FIT_SAMPLE / len(shorter_sides(settings.min_size, jitter))), seed)
-    fitted, sampled_coverage = fit_at_size(*sampled, settings, jitter)
+    sampled = sample(boxes, image_sizes, sample_size(settings, jitter), seed)
+    fitted, _ = fit_at_size(*sampled, settings, jitter)
     here = measured_fit(boxes, image_sizes, settings, jitter, fitted)
     if here.coverage >= TARGET_COVERAGE:
         return here, None
@@ -163,7 +168,7 @@ def fit_report(boxes: np.ndarray | torch.Tensor, image_sizes: np.ndarray | torch
     """What train.py --fit_anchors prints: the coverage before and after, the fitted flags, and whether larger
     images (a larger --min_size) would cover more."""
     here, larger = fit_anchors(boxes, image_sizes, settings, jitter)
-    searched = min(len(boxes), math.ceil(FIT_SAMPLE / len(shorter_sides(settings.min_size, jitter))))
+    searched = min(len(boxes), sample_size(settings, jitter))
     fitted = ("the present ones: no other scales and ratios cover more" if here.settings == settings
               else anchor_flags(here))
     lines = [f"anchors fitted to the {len(boxes)} boxes (searched on {searched}; {len(settings.anchor_scales)} "

@@ -30,7 +30,8 @@ MAX_LISTED = 5  # how many missing files or ids an error message lists
 # ------------------------------------------------------------------------------------------------------- CSV
 
 
-def _csv_error(path: str, line: int, problem: str) -> ValueError:
+def line_error(path: str, line: int, problem: str) -> ValueError:
+    """A user's error in an annotation file (CSV or XML), naming the file and the line."""
     return ValueError(f"{path}, line {line}: {problem}")
 
 
@@ -43,14 +44,14 @@ def _read_csv_rows(path: str, columns: str) -> list[tuple[int, list[str]]]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
-        raise _csv_error(path, line, f"not UTF-8 text (byte {data[error.start]:#04x}); save the file as UTF-8") from error
+        raise line_error(path, line, f"not UTF-8 text (byte {data[error.start]:#04x}); save the file as UTF-8") from error
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         rows = [(reader.line_num, row) for row in reader if row]
     except csv.Error as error:
-        raise _csv_error(path, reader.line_num, f"malformed CSV ({error})") from error
+        raise line_error(path, reader.line_num, f"malformed CSV ({error})") from error
     if not rows:
-        raise _csv_error(path, 1, f"the file is empty; expected rows '{columns}'")
+        raise line_error(path, 1, f"the file is empty; expected rows '{columns}'")
     return rows
 
 
@@ -64,24 +65,24 @@ def read_class_list(path: str) -> list[str]:
     line_of_id: dict[int, int] = {}
     for line, row in _read_csv_rows(path, CLASS_COLUMNS):
         if len(row) != 2:
-            raise _csv_error(path, line, f"{len(row)} columns, expected 2: {CLASS_COLUMNS}")
+            raise line_error(path, line, f"{len(row)} columns, expected 2: {CLASS_COLUMNS}")
         name, id_text = row
         if not name:
-            raise _csv_error(path, line, f"empty class name; expected {CLASS_COLUMNS}")
+            raise line_error(path, line, f"empty class name; expected {CLASS_COLUMNS}")
         if not re.fullmatch(r"-?[0-9]+", id_text.strip()):
-            raise _csv_error(path, line, f"class id {id_text!r} is not an integer{_no_header_hint(line)}")
+            raise line_error(path, line, f"class id {id_text!r} is not an integer{_no_header_hint(line)}")
         class_id = int(id_text)
         if name in id_of_name:
-            raise _csv_error(path, line, f"duplicate class name {name!r}; each class is listed once")
+            raise line_error(path, line, f"duplicate class name {name!r}; each class is listed once")
         if class_id in line_of_id:
-            raise _csv_error(path, line, f"duplicate class id {class_id} (also on line {line_of_id[class_id]})")
+            raise line_error(path, line, f"duplicate class id {class_id} (also on line {line_of_id[class_id]})")
         id_of_name[name] = class_id
         line_of_id[class_id] = line
     num_classes = len(id_of_name)
     for class_id, line in line_of_id.items():
         if not 0 <= class_id < num_classes:
             missing = sorted(set(range(num_classes)) - set(line_of_id))[:MAX_LISTED]
-            raise _csv_error(
+            raise line_error(
                 path, line, f"class id {class_id} out of range: the {num_classes} ids must be 0..{num_classes - 1}, "
                 f"each once (missing: {missing})"
             )
@@ -91,10 +92,10 @@ def read_class_list(path: str) -> list[str]:
 def _split_annotation_row(path: str, line: int, row: list[str]) -> tuple[str, list[str]]:
     """One row `path,x1,y1,x2,y2,class_name` -> (image path, its 5 other fields), if it has 6 columns and a path."""
     if len(row) != 6:
-        raise _csv_error(path, line, f"{len(row)} columns, expected 6: {ANNOTATION_COLUMNS}")
+        raise line_error(path, line, f"{len(row)} columns, expected 6: {ANNOTATION_COLUMNS}")
     image, *fields = row
     if not image:
-        raise _csv_error(path, line, f"empty image path; expected {ANNOTATION_COLUMNS}")
+        raise line_error(path, line, f"empty image path; expected {ANNOTATION_COLUMNS}")
     return image, fields
 
 
@@ -107,23 +108,23 @@ def _parse_annotation_row(
     if not any(fields):
         return image, None
     if not all(fields):
-        raise _csv_error(path, line, "some fields are empty: fill x1,y1,x2,y2,class_name, or leave all five empty "
+        raise line_error(path, line, "some fields are empty: fill x1,y1,x2,y2,class_name, or leave all five empty "
                          "for an image without objects")
     coordinates = []
     for column, text in zip(("x1", "y1", "x2", "y2"), fields):
         try:
             value = float(text)
         except ValueError as error:
-            raise _csv_error(path, line, f"{column} {text!r} is not a number{_no_header_hint(line)}") from error
+            raise line_error(path, line, f"{column} {text!r} is not a number{_no_header_hint(line)}") from error
         if not math.isfinite(value) or value < 0:
-            raise _csv_error(path, line, f"{column} is {text!r}; expected a finite number >= 0 (pixels)")
+            raise line_error(path, line, f"{column} is {text!r}; expected a finite number >= 0 (pixels)")
         coordinates.append(value)
     x1, y1, x2, y2 = coordinates
     if x2 <= x1 or y2 <= y1:
-        raise _csv_error(path, line, f"empty box ({x1}, {y1}, {x2}, {y2}); expected x2 > x1 and y2 > y1")
+        raise line_error(path, line, f"empty box ({x1}, {y1}, {x2}, {y2}); expected x2 > x1 and y2 > y1")
     name = fields[4]
     if name not in class_index:
-        raise _csv_error(path, line, f"unknown class {name!r}; the class list has {list(class_index)[:20]}")
+        raise line_error(path, line, f"unknown class {name!r}; the class list has {list(class_index)[:20]}")
     return image, [x1, y1, x2, y2, float(class_index[name])]
 
 

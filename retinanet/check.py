@@ -23,7 +23,7 @@ from .coverage import anchor_coverage, coverage_report
 from .dataloader import CocoDataset, DetectionDataset
 from .images import read_rgb_image
 from .settings import ModelSettings
-from .voc import VOCSet, boxes_of_files, read_voc_set, run_class_names
+from .voc import ParsedVOC, VOCSet, boxes_of_files, read_voc_set, run_class_names
 
 
 class Problem(NamedTuple):
@@ -99,12 +99,13 @@ def check_coco(root: str, set_name: str, workers: int = 4) -> list[Problem]:
     return check_images(images, workers)
 
 
-def check_voc(voc_set: VOCSet, class_names: list[str], workers: int = 4) -> list[Problem]:
+def check_voc(voc_set: VOCSet, class_names: list[str], workers: int = 4, parsed: ParsedVOC | None = None
+              ) -> list[Problem]:
     """Every problem of a VOC set: a missing set (it stops the check), each malformed XML file, object without a
     name or a box, object of a class not in class_names, missing or undecodable image, box reaching past its
-    image, image of another size than its <size>."""
+    image, image of another size than its <size>. `parsed` is the set as read_voc_set returns it, if read already."""
     try:
-        parsed = read_voc_set(voc_set)
+        parsed = read_voc_set(voc_set) if parsed is None else parsed
     except ValueError as error:
         return [Problem(str(error), fatal=True)]
     boxes = boxes_of_files(parsed.files, class_names)
@@ -132,12 +133,14 @@ def check_data(coco: tuple[str, list[str]] | None = None, csv_files: list[str] =
         root, set_names = coco
         return all([report(check_coco(root, name, workers), f"COCO set {name}") for name in set_names])
     if voc is not None:
-        try:
-            class_names = run_class_names(class_list, voc)
+        voc_sets = [voc_set for voc_set in voc if voc_set is not None]
+        try:  # without a class list, the classes are those found in the sets: each set read once, for both
+            parsed = {} if class_list else {voc_set: read_voc_set(voc_set) for voc_set in voc_sets}
+            class_names = run_class_names(class_list, parsed.values())
         except ValueError as error:
             return report([Problem(str(error), fatal=True)], "VOC classes")
-        return all([report(check_voc(voc_set, class_names, workers), f"VOC set {voc_set.name} of "
-                           f"{', '.join(voc_set.roots)}") for voc_set in voc if voc_set is not None])
+        return all([report(check_voc(voc_set, class_names, workers, parsed.get(voc_set)), f"VOC set {voc_set.name} "
+                           f"of {', '.join(voc_set.roots)}") for voc_set in voc_sets])
     return all([report(check_csv(path, class_list, workers), path) for path in csv_files])
 
 

@@ -23,24 +23,13 @@ import numpy as np
 import torch
 
 from .anchors import Anchors, anchors_of
+from .boxes import batched_box_iou
 from .settings import ModelSettings
 from .transforms import Resize
 
 JITTER_SIZES = 5  # shorter sides measured over a --jitter range, evenly spaced: its draws are uniform
 WARNING_COVERAGE = 0.90  # below this share of covered boxes, the report warns
 PERCENTILES = (5, 50, 95)
-
-
-def paired_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """IoU of each box of `boxes1` with the box of `boxes2` at the same place: (..., 4) x1y1x2y2 each, broadcast
-    together -> (...). torchvision's box_iou gives every pair, an (N, M) matrix; this gives one per place."""
-    top_left = torch.maximum(boxes1[..., :2], boxes2[..., :2])
-    bottom_right = torch.minimum(boxes1[..., 2:], boxes2[..., 2:])
-    overlap = (bottom_right - top_left).clamp_(min=0)  # (..., 2) width, height
-    intersection = overlap[..., 0] * overlap[..., 1]
-    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
-    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
-    return intersection / (area1 + area2 - intersection)
 
 
 def nearest_cells(boxes: torch.Tensor, image_sizes: torch.Tensor, anchors: Anchors) -> Iterator[tuple]:
@@ -60,18 +49,24 @@ def nearest_cells(boxes: torch.Tensor, image_sizes: torch.Tensor, anchors: Ancho
 def level_ious(boxes: torch.Tensor, image_sizes: torch.Tensor, anchors: Anchors) -> torch.Tensor:
     """(L, G, A): the IoU of each box with each of the A anchors (ratio major, scale minor, as anchors.py orders
     them) of its nearest cell on each level; each box is moved to cell (0, 0) rather than the anchors to it."""
+    return cell_ious(boxes, list(nearest_cells(boxes, image_sizes, anchors)))
+
+
+def cell_ious(boxes: torch.Tensor, cells: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """level_ious from nearest_cells' (A, 4) anchors and (G, 4) shifts of each level: (L, G, A)."""
     return torch.stack([
-        paired_iou(boxes[:, None] - shifts[:, None], cell_anchors[None])  # (G, 1, 4) with (1, A, 4) -> (G, A)
-        for cell_anchors, shifts in nearest_cells(boxes, image_sizes, anchors)
+        batched_box_iou((boxes - shifts)[:, None], cell_anchors)[:, 0]  # (G, 1, 4) with (A, 4) -> (G, 1, A) -> (G, A)
+        for cell_anchors, shifts in cells
     ])  # L x (G, A) -> (L, G, A)
 
 
 def best_anchors(boxes: torch.Tensor, image_sizes: torch.Tensor, anchors: Anchors) -> tuple[torch.Tensor, torch.Tensor]:
     """The anchor that overlaps each of the (G, 4) boxes most: its IoU (G,) and the anchor (G, 4)."""
-    ious = level_ious(boxes, image_sizes, anchors)  # (L, G, A)
+    cells = list(nearest_cells(boxes, image_sizes, anchors))  # L x ((A, 4), (G, 4))
+    ious = cell_ious(boxes, cells)  # (L, G, A)
     best_iou, best = ious.permute(1, 0, 2).flatten(1).max(dim=1)  # (G, L, A) -> (G, L*A) -> (G,)
     level, shape = best // anchors.num_anchors, best % anchors.num_anchors  # (G,) each
-    cell_anchors, shifts = zip(*nearest_cells(boxes, image_sizes, anchors))  # L x (A, 4), L x (G, 4)
+    cell_anchors, shifts = zip(*cells)  # L x (A, 4), L x (G, 4)
     box_index = torch.arange(len(boxes))
     return best_iou, torch.stack(cell_anchors)[level, shape] + torch.stack(shifts)[level, box_index]  # (G, 4)
 

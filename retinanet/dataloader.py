@@ -28,12 +28,12 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .annotations import MAX_LISTED, clip_annotations, clip_to_image, load_coco, read_class_list, read_csv_annotations
 from .images import read_image_size, read_rgb_image
 from .transforms import MEAN_COLOUR, DetectionTransform, Target, Transform
-from .voc import VOCSet, boxes_of_files, found_class_names, is_voc2007_test, read_voc_set
+from .voc import ParsedVOC, VOCSet, boxes_of_files, found_class_names, is_voc2007_test, read_voc_set
 
 PADDING_ROW = -1.0  # value of the annotation rows that collate adds; the loss skips rows with class < 0
 
@@ -101,8 +101,7 @@ class DetectionDataset(Dataset):
 
     def image_size(self, index: int) -> tuple[int, int]:
         """(height, width) of the image file, read from its header."""
-        width, height = read_image_size(self.image_paths[index])
-        return height, width
+        return read_image_size(self.image_paths[index])
 
     def aspect_ratio(self, index: int) -> float:
         """Width / height of the image file."""
@@ -236,12 +235,12 @@ class VOCDataset(DetectionDataset):
     (train.py gives those of its training and validation sets: retinanet.voc.run_class_names).
     Difficult boxes train as any other; evaluation neither counts them as hits nor as misses, with the 11-point AP
     on VOC2007's test set. Malformed files and objects, unknown classes and missing images raise ValueError naming
-    the file and the line."""
+    the file and the line. `parsed` is the set as read_voc_set returns it, where the caller has read it already."""
 
     def __init__(self, roots: Sequence[str], set_name: str, class_names: list[str] | None = None,
-                 transform: Transform | None = None):
+                 transform: Transform | None = None, parsed: ParsedVOC | None = None):
         voc_set = VOCSet(tuple(roots), set_name)
-        parsed = read_voc_set(voc_set)
+        parsed = read_voc_set(voc_set) if parsed is None else parsed
         class_names = list(class_names) if class_names is not None else found_class_names(parsed.files)
         boxes = boxes_of_files(parsed.files, class_names)
         _raise_first(parsed.errors + boxes.errors, "problem(s)")
@@ -373,3 +372,21 @@ class AspectRatioBatchSampler(Sampler[list[int]]):
         if self.drop_last:
             return sum(count // self.batch_size for count in counts) // self.num_replicas
         return math.ceil(sum(math.ceil(count / self.batch_size) for count in counts) / self.num_replicas)
+
+
+def aspect_ratios(dataset) -> list[float]:
+    """Width / height of every image of `dataset` (anything with len() and aspect_ratio(index)), in its order:
+    what AspectRatioBatchSampler groups by."""
+    return [dataset.aspect_ratio(index) for index in range(len(dataset))]
+
+
+def training_loader(dataset: DetectionDataset, batch_size: int, workers: int = 0, seed: int = 0, rank: int = 0,
+                    world_size: int = 1, pin_memory: bool = False) -> tuple[AspectRatioBatchSampler, DataLoader]:
+    """What train.py's loop iterates over: batches of one orientation, shuffled from `seed` and the epoch (set it
+    with sampler.set_epoch), each item with its own seed for the random transforms; with world_size > 1, the
+    share of process `rank`. Returns the sampler and the loader."""
+    sampler = AspectRatioBatchSampler(aspect_ratios(dataset), batch_size, shuffle=True, num_replicas=world_size,
+                                      rank=rank, seed=seed, seed_items=True)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                        pin_memory=pin_memory, persistent_workers=workers > 0)
+    return sampler, loader

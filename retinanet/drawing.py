@@ -15,13 +15,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import nn
-from torch.utils.data import DataLoader
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
 from .anchors import anchors_of
 from .coverage import best_anchors
-from .dataloader import AspectRatioBatchSampler, DetectionDataset, collate
+from .dataloader import DetectionDataset, training_loader
 from .images import read_rgb_image
 from .predict import predict_dataset
 from .settings import ModelSettings
@@ -36,6 +35,7 @@ CAPTION_MARGIN = 4
 COVERED_COLOUR = (0, 200, 0)  # a best anchor of IoU >= fg_iou: the box is a foreground target (§4 "Anchors")
 UNCOVERED_COLOUR = (255, 0, 0)  # a best anchor below fg_iou
 GROUND_TRUTH_COLOUR = (255, 255, 255)
+DRAW_THRESHOLD = 0.5  # the detections drawn: the 0.05 of §4.1's inference is far too many boxes to look at
 
 
 # ---------------------------------------------------------------------------------------------------- drawing
@@ -114,7 +114,7 @@ def render(
     image: torch.Tensor,
     prediction: dict[str, np.ndarray],
     class_names: list[str],
-    score_threshold: float = 0.5,
+    score_threshold: float = DRAW_THRESHOLD,
     annotations: np.ndarray | None = None,
 ) -> torch.Tensor:
     """`image` (3, H, W) uint8 with the predictions of score >= score_threshold drawn on it: (3, H, W). With
@@ -179,23 +179,23 @@ def first_images(dataset: DetectionDataset, limit: int | None, transform: Transf
 def visualize_dataset(
     model: nn.Module,
     dataset: DetectionDataset,
-    class_names: list[str],
     output_dir: str,
-    score_threshold: float = 0.5,
+    score_threshold: float = DRAW_THRESHOLD,
     limit: int | None = 8,
     batch_size: int = 8,
     workers: int = 0,
 ) -> list[str]:
     """Detect with `model` (in eval mode) on the first `limit` images of `dataset` (all if None) and save each
     image into output_dir with its detections of score >= score_threshold drawn on it; if any image of the dataset
-    is annotated, the ground truth next to them (see render). Returns the paths written, in dataset order."""
+    is annotated, the ground truth next to them (see render), each box named by dataset.class_names. Returns the
+    paths written, in dataset order."""
     if not 0.0 <= score_threshold <= 1.0:
         raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
     subset = first_images(dataset, limit, dataset.transform)
     image_paths, annotations = subset.image_paths, subset.annotations
     has_ground_truth = any(len(dataset.load_annotations(index)) for index in range(len(dataset)))
     predictions = predict_dataset(model, subset, batch_size=batch_size, workers=workers)
-    return draw_predictions(image_paths, predictions, class_names, output_dir, score_threshold,
+    return draw_predictions(image_paths, predictions, dataset.class_names, output_dir, score_threshold,
                             annotations if has_ground_truth else None)
 
 
@@ -204,7 +204,7 @@ def draw_predictions(
     predictions: list[dict[str, np.ndarray]],
     class_names: list[str],
     output_dir: str,
-    score_threshold: float = 0.5,
+    score_threshold: float = DRAW_THRESHOLD,
     annotations: list[np.ndarray] | None = None,
 ) -> list[str]:
     """Save each image into output_dir (named by output_names) with its predictions (boxes in its pixels) of score
@@ -228,9 +228,7 @@ def draw_training_samples(
     Returns the paths written, in training order."""
     if count < 1:
         raise ValueError(f"the number of samples to draw must be at least 1, got {count}")
-    aspect_ratios = [dataset.aspect_ratio(index) for index in range(len(dataset))]
-    sampler = AspectRatioBatchSampler(aspect_ratios, batch_size, shuffle=True, seed=seed, seed_items=True)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers)
+    _, loader = training_loader(dataset, batch_size, workers, seed)
     indices, pictures = [], []
     with tqdm(total=min(count, len(dataset)), desc="augmenting", unit="image") as progress:
         for batch in loader:

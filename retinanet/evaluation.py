@@ -120,7 +120,9 @@ def class_curve(
 def precision_recall_curves(
     detections: PerImagePerClass, annotations: PerImagePerClass, iou_threshold: float = 0.5
 ) -> dict[int, PRCurve]:
-    """The PRCurve of every class k in 0..K-1; `detections[i][k]` (n, 5), `annotations[i][k]` (m, 4)."""
+    """The PRCurve of every class k in 0..K-1: `detections[i][k]` (n, 5) x1, y1, x2, y2, score of image i's
+    detections of class k, `annotations[i][k]` (m, 4) x1, y1, x2, y2 of its boxes of class k, or (m, 5) with their
+    difficult flags."""
     if not 0.0 < iou_threshold <= 1.0:
         raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
     num_classes = _check_inputs(detections, annotations)
@@ -128,6 +130,11 @@ def precision_recall_curves(
 
 
 # ------------------------------------------------------------------------------------------------- metrics
+
+
+def precision_envelope(precision: np.ndarray) -> np.ndarray:
+    """(n,) the best precision at each point of a curve or after it, at higher recall (VOC's interpolation)."""
+    return np.maximum.accumulate(precision[::-1])[::-1]
 
 
 def average_precision(precision: np.ndarray, recall: np.ndarray, use_07_metric: bool = False) -> float:
@@ -138,30 +145,9 @@ def average_precision(precision: np.ndarray, recall: np.ndarray, use_07_metric: 
     if use_07_metric:
         recall_levels = np.arange(11) / 10  # 0, 0.1, ..., 1.0 exactly as k / 10, the way recalls are computed
         return float(np.mean([precision[recall >= level].max(initial=0.0) for level in recall_levels]))
-    envelope = np.maximum.accumulate(precision[::-1])[::-1]  # (n,) best precision from here on
+    envelope = precision_envelope(precision)  # (n,)
     recall_gained = np.diff(recall, prepend=0.0)  # (n,) zero for a false positive
     return float(np.sum(recall_gained * envelope))
-
-
-def _average_precisions_of(curves: dict[int, PRCurve], use_07_metric: bool) -> dict[int, tuple[float, int]]:
-    return {
-        k: (average_precision(curve.precision, curve.recall, use_07_metric), curve.num_annotations)
-        for k, curve in curves.items()
-    }
-
-
-def average_precisions(
-    detections: PerImagePerClass,
-    annotations: PerImagePerClass,
-    iou_threshold: float = 0.5,
-    use_07_metric: bool = False,
-) -> dict[int, tuple[float, int]]:
-    """{class k: (AP, number of annotated boxes)} for every class; a class without annotations has AP 0.
-
-    detections[i][k]: (n, 5) x1, y1, x2, y2, score of image i's detections of class k;
-    annotations[i][k]: (m, 4) x1, y1, x2, y2 of its ground-truth boxes of class k, or (m, 5) with difficult flags.
-    """
-    return _average_precisions_of(precision_recall_curves(detections, annotations, iou_threshold), use_07_metric)
 
 
 def mean_average_precision(results: dict[int, tuple[float, int]]) -> float:
@@ -200,20 +186,6 @@ def metrics_table(
     return pd.DataFrame(rows, columns=["class", "AP", "annotations", "precision", "recall"])
 
 
-def class_metrics(
-    detections: PerImagePerClass,
-    annotations: PerImagePerClass,
-    iou_threshold: float = 0.5,
-    score_threshold: float = 0.05,
-    class_names: list[str] | None = None,
-    use_07_metric: bool = False,
-) -> pd.DataFrame:
-    """Per-class AP (over all detections), annotation count, and precision and recall computed for each class
-    from its own detections with score >= score_threshold. Columns: class, AP, annotations, precision, recall."""
-    curves = precision_recall_curves(detections, annotations, iou_threshold)
-    return metrics_table(curves, score_threshold, class_names, use_07_metric)
-
-
 # ------------------------------------------------------------------------------------- from model outputs
 
 
@@ -249,7 +221,7 @@ def save_pr_curves(
         axes = figure.add_subplot()
         axes.plot(curve.recall, curve.precision, label="precision")
         if len(curve.scores):
-            envelope = np.maximum.accumulate(curve.precision[::-1])[::-1]  # (n,) best precision from here on
+            envelope = precision_envelope(curve.precision)  # (n,)
             # from recall 0: the envelope holds its value over (previous recall, recall] ("steps-pre")
             axes.plot(np.concatenate([[0.0], curve.recall]), np.concatenate([envelope[:1], envelope]), "--",
                       drawstyle="steps-pre", label="envelope (all-point AP: the area below)")
@@ -280,7 +252,7 @@ def evaluate(
     truth is clipped to each image as the predictions are, boxes left without area dropped (as in training); its
     difficult boxes are neither hits nor misses. use_07_metric None: the dataset's (dataset.use_07_metric).
 
-    Returns {"mAP": float (NaN if no class has annotations), "per_class": DataFrame as class_metrics}.
+    Returns {"mAP": float (NaN if no class has annotations), "per_class": DataFrame as metrics_table}.
     """
     num_classes = dataset.num_classes
     use_07_metric = dataset.use_07_metric if use_07_metric is None else use_07_metric
@@ -289,7 +261,7 @@ def evaluate(
     annotations = [annotations_per_class(boxes, num_classes, difficult) for boxes, difficult in clipped]
     curves = precision_recall_curves(detections, annotations, iou_threshold)
     table = metrics_table(curves, score_threshold, dataset.class_names, use_07_metric)
-    mean_ap = mean_average_precision(_average_precisions_of(curves, use_07_metric))
+    mean_ap = mean_average_precision(dict(enumerate(zip(table["AP"], table["annotations"]))))  # the table's APs
     metric = "11-point VOC2007" if use_07_metric else "all-point VOC2010+"
     print(f"AP at IoU {iou_threshold:g} ({metric}); precision and recall of detections with score >= "
           f"{score_threshold:g}:")

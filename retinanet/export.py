@@ -17,7 +17,7 @@ from torch import nn
 
 from .model import RetinaNet
 
-INPUT_NAMES = ["images"]  # (B, 3, H, W), normalised as for training
+INPUT_NAMES = ["images"]  # (B, 3, H, W) float32 RGB in 0..1; the graph normalises it (network_outputs)
 OUTPUT_NAMES = ["cls_logits", "box_deltas"]  # (B, R, K) logits before the sigmoid, (B, R, 4) deltas before decoding
 EXAMPLE_IMAGE_SIZE = (320, 320)  # traced shape; batch, height and width stay dynamic in the exported graph
 

@@ -44,9 +44,10 @@ def _image_errors_as_value_error(path: str) -> Iterator[None]:
 
 
 def read_image_size(path: str) -> tuple[int, int]:
-    """(width, height) of an image file, read from its header without decoding the pixels."""
+    """(height, width) of an image file, read from its header without decoding the pixels."""
     with _image_errors_as_value_error(path), Image.open(path) as image:
-        return image.size
+        width, height = image.size
+        return height, width
 
 
 def read_rgb_image(path: str) -> torch.Tensor:

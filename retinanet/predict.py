@@ -17,7 +17,7 @@ from torchvision.ops import clip_boxes_to_image
 from tqdm import tqdm
 
 from .annotations import read_class_list
-from .dataloader import AspectRatioBatchSampler, DetectionDataset, collate
+from .dataloader import AspectRatioBatchSampler, DetectionDataset, aspect_ratios, collate
 from .runtime import inference_autocast, resolve_device
 from .transforms import build_transform
 
@@ -35,15 +35,14 @@ def detections_to_host(detections: list[dict[str, torch.Tensor]]) -> list[dict[s
 def to_original_pixels(
     detection: dict[str, torch.Tensor], scale: float, original_size: tuple[int, int]
 ) -> dict[str, np.ndarray]:
-    """One image's detections in the pixels of its image file: boxes divided by the resize scale and clipped to
-    the original (height, width). Returns numpy arrays boxes (D, 4), scores (D,), labels (D,), and the
-    image_size (height, width) of the file."""
-    boxes = detection["boxes"].detach().float().cpu() / scale  # (D, 4)
-    boxes = clip_boxes_to_image(boxes, tuple(original_size))
+    """One image's detections on the host (as detections_to_host gives them) in the pixels of its image file: boxes
+    divided by the resize scale and clipped to the original (height, width). Returns numpy arrays boxes (D, 4),
+    scores (D,), labels (D,), and the image_size (height, width) of the file."""
+    boxes = clip_boxes_to_image(detection["boxes"] / scale, tuple(original_size))  # (D, 4)
     return {
         "boxes": boxes.numpy(),
-        "scores": detection["scores"].detach().float().cpu().numpy(),
-        "labels": detection["labels"].detach().cpu().long().numpy(),
+        "scores": detection["scores"].numpy(),
+        "labels": detection["labels"].numpy(),
         "image_size": tuple(original_size),
     }
 
@@ -70,8 +69,8 @@ def predict_dataset(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    aspect_ratios = [dataset.aspect_ratio(index) for index in range(len(dataset))]
-    batches = AspectRatioBatchSampler(aspect_ratios, batch_size, shuffle=False, num_replicas=world_size, rank=rank)
+    batches = AspectRatioBatchSampler(aspect_ratios(dataset), batch_size, shuffle=False, num_replicas=world_size,
+                                      rank=rank)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                         pin_memory=device.type == "cuda")
     predictions: list[dict[str, np.ndarray] | None] = [None] * len(dataset)
@@ -115,17 +114,19 @@ def check_class_names(model_class_names: list[str], dataset_class_names: list[st
                          f"{mismatches[:5]}; labels are indices, so both class lists must be in the same order")
 
 
-def class_names_to_read(class_list: str | None, model_path: str | None) -> list[str] | None:
-    """The class names to read a VOC set with: the class list file's if given, else those the checkpoint at
-    model_path was trained with; None without either, or for a bare state dict (the set then takes the names it
-    finds, as train.py does)."""
+def class_names_to_read(class_list: str | None, checkpoint: dict | None) -> list[str] | None:
+    """The class names to read a VOC set with: the class list file's if given, else those the model of
+    `checkpoint` (as read_checkpoint returns it) was trained with; None without either, or for a bare state dict
+    (the set then takes the names it finds, as train.py does)."""
     if class_list:
         return read_class_list(class_list)
-    if model_path is None:
-        return None
-    from .checkpoint import read_checkpoint  # the model code only here: the metrics need none
+    return checkpoint.get("class_names") if checkpoint is not None else None
 
-    return read_checkpoint(model_path).get("class_names")
+
+def given_settings(**settings) -> dict:
+    """The model settings among `settings` that are given (not None): changes to a checkpoint's, as
+    model_from_checkpoint and load_model take them."""
+    return {name: value for name, value in settings.items() if value is not None}
 
 
 class Inference(NamedTuple):
@@ -142,29 +143,33 @@ def load_for_inference(
     device: str | None = None,
     min_size: int | None = None,
     max_size: int | None = None,
+    checkpoint: dict | None = None,
 ) -> Inference:
     """The model of the checkpoint at `model_path` on `device` (a name as for resolve_device; None: CUDA when
     available), ready to run on `dataset`: the dataset's images are resized as in training unless min_size or
     max_size say otherwise, and its classes must be the model's (a dataset without any, a folder of images, takes
-    the model's)."""
-    from .checkpoint import load_model  # the model code only here: the metrics need none
+    the model's). `checkpoint` is the file's contents where the caller has read it already."""
+    from .checkpoint import model_from_checkpoint, read_checkpoint  # the model code only here: the metrics need none
 
     device = resolve_device(device)
-    model, class_names = load_model(model_path, device)
+    checkpoint = read_checkpoint(model_path) if checkpoint is None else checkpoint
+    sizes = given_settings(min_size=min_size, max_size=max_size)
+    model = model_from_checkpoint(checkpoint, **sizes).to(device).eval()  # model.settings: the sizes it runs at
+    class_names = checkpoint.get("class_names") or [str(label) for label in range(model.num_classes)]
     if dataset.class_names:
         check_class_names(class_names, dataset.class_names)
     else:
         dataset.class_names = class_names
-    dataset.transform = build_transform(False, min_size or model.settings.min_size, max_size or model.settings.max_size)
+    dataset.transform = build_transform(False, model.settings.min_size, model.settings.max_size)
     return Inference(model, class_names, device)
 
 
 def predict_with_checkpoint(model_path: str, dataset: DetectionDataset, source: str, device: str | None = None,
                             min_size: int | None = None, max_size: int | None = None, batch_size: int = 8,
-                            workers: int = 0) -> list[dict[str, np.ndarray]]:
+                            workers: int = 0, checkpoint: dict | None = None) -> list[dict[str, np.ndarray]]:
     """predict_dataset with the model of a checkpoint, loaded for `dataset` as load_for_inference does, saying
     what runs on what (`source` names the dataset)."""
-    model, _, device = load_for_inference(model_path, dataset, device, min_size, max_size)
+    model, _, device = load_for_inference(model_path, dataset, device, min_size, max_size, checkpoint)
     print(f"detecting with {model_path} on {len(dataset)} images of {source} ({dataset.num_classes} classes) "
           f"on {device}")
     return predict_dataset(model, dataset, batch_size=batch_size, workers=workers)

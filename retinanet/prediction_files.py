@@ -16,6 +16,7 @@ from .annotations import read_csv_image_paths
 from .checkpoint import load_model
 from .files import write_atomically, write_text_atomically
 from .images import find_images
+from .predict import given_settings
 from .runtime import resolve_device
 from .tiling import DEFAULT_OVERLAP, ImageWindows, predict_windows
 
@@ -79,9 +80,8 @@ def predict_files(
     """Detect with the model of a checkpoint on image files, whole, or cut into tiles of tile_size pixels where they
     are larger (retinanet.tiling). min_size, max_size and score_threshold replace the checkpoint's settings where
     given; `batch_size` counts windows (whole images or tiles). Images that cannot be read are skipped."""
-    changes = {"min_size": min_size, "max_size": max_size, "score_threshold": score_threshold}
-    model, class_names = load_model(model_path, resolve_device(device),
-                                    **{name: value for name, value in changes.items() if value is not None})
+    changes = given_settings(min_size=min_size, max_size=max_size, score_threshold=score_threshold)
+    model, class_names = load_model(model_path, resolve_device(device), **changes)
     dataset = ImageWindows(image_paths, model.settings.min_size, model.settings.max_size, tile_size, tile_overlap)
     print(f"detecting with {model_path} on {len(image_paths)} images ({describe_windows(dataset, tile_size)}), "
           f"score >= {model.settings.score_threshold:g}, on {next(model.parameters()).device}")

@@ -78,8 +78,7 @@ class Window(NamedTuple):
 def image_size(image: str | torch.Tensor) -> tuple[int, int]:
     """(height, width) of a (3, H, W) uint8 RGB tensor, or of an image file, from its header."""
     if not isinstance(image, torch.Tensor):
-        width, height = read_image_size(image)
-        return height, width
+        return read_image_size(image)
     if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
         raise ValueError(f"expected an image file or a (3, H, W) uint8 RGB tensor (as read_rgb_image returns), got a "
                          f"{image.dtype} tensor of shape {tuple(image.shape)}")
@@ -210,11 +209,9 @@ def predict_windows(model: nn.Module, dataset: ImageWindows, batch_size: int = 8
     `dataset`, `batch_size` windows at a time, and merge each image's windows (merge_tiles). Returns, per image,
     predict_dataset's dict in the image's pixels, or None for an image that could not be read: its position is
     then in dataset.unreadable, or its windows failed to decode (dataset.undecodable_reason says why)."""
-    device = next(model.parameters()).device
     predictions = []
     if len(dataset):  # no window: no image could be read
-        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-            predictions = predict_dataset(model, dataset, batch_size=batch_size, workers=workers)
+        predictions = predict_dataset(model, dataset, batch_size=batch_size, workers=workers)
     merged: list[dict[str, np.ndarray] | None] = [None] * len(dataset.images)
     for number, pairs in itertools.groupby(zip(dataset.windows, predictions), key=lambda pair: pair[0].image):
         windows, window_predictions = zip(*pairs)

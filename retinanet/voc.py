@@ -18,13 +18,13 @@ Legend for shapes: N boxes of one image.
 
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 from xml.parsers import expat
 
 import numpy as np
 
-from .annotations import read_class_list
+from .annotations import line_error, read_class_list
 from .images import IMAGE_EXTENSIONS, require_file
 
 # The 20 classes of VOC2007 and VOC2012, in the order of the development kit (and of every released VOC model).
@@ -70,10 +70,6 @@ class VOCSet(NamedTuple):
 # ---------------------------------------------------------------------------------------------- XML files
 
 
-def _error(path: str, line: int, problem: str) -> ValueError:
-    return ValueError(f"{path}, line {line}: {problem}")
-
-
 def parse_xml(path: str) -> tuple[ET.Element, dict[ET.Element, int]]:
     """The element tree of an XML file and the line each element starts on; a malformed file is a ValueError
     naming the file and the line."""
@@ -89,7 +85,7 @@ def parse_xml(path: str) -> tuple[ET.Element, dict[ET.Element, int]]:
         try:
             parser.ParseFile(file)
         except expat.ExpatError as error:
-            raise _error(path, error.lineno, f"malformed XML ({expat.ErrorString(error.code)})") from error
+            raise line_error(path, error.lineno, f"malformed XML ({expat.ErrorString(error.code)})") from error
     return builder.close(), lines
 
 
@@ -97,9 +93,9 @@ def _coordinate(path: str, line: int, tag: str, text: str) -> float:
     try:
         value = float(text)
     except ValueError as error:
-        raise _error(path, line, f"<{tag}> {text.strip()!r} is not a number") from error
+        raise line_error(path, line, f"<{tag}> {text.strip()!r} is not a number") from error
     if not np.isfinite(value):
-        raise _error(path, line, f"<{tag}> is {text.strip()!r}; expected a finite number (pixels)")
+        raise line_error(path, line, f"<{tag}> is {text.strip()!r}; expected a finite number (pixels)")
     return value
 
 
@@ -107,18 +103,18 @@ def read_object(element: ET.Element, line: int, path: str) -> VOCObject:
     """One <object>: its <name>, <bndbox> and <difficult> (0 if absent)."""
     name = (element.findtext("name") or "").strip()
     if not name:
-        raise _error(path, line, "<object> without a <name>")
+        raise line_error(path, line, "<object> without a <name>")
     bndbox = element.find("bndbox")
     texts = [bndbox.findtext(tag) if bndbox is not None else None for tag in BOX_TAGS]
     if None in texts:
-        raise _error(path, line, f"<object> {name!r} has no <bndbox> with <xmin>, <ymin>, <xmax> and <ymax>")
+        raise line_error(path, line, f"<object> {name!r} has no <bndbox> with <xmin>, <ymin>, <xmax> and <ymax>")
     xmin, ymin, xmax, ymax = (_coordinate(path, line, tag, text) for tag, text in zip(BOX_TAGS, texts))
     if xmax < xmin or ymax < ymin:
-        raise _error(path, line, f"empty box of {name!r} (xmin {xmin:g}, ymin {ymin:g}, xmax {xmax:g}, ymax "
+        raise line_error(path, line, f"empty box of {name!r} (xmin {xmin:g}, ymin {ymin:g}, xmax {xmax:g}, ymax "
                      f"{ymax:g}); expected xmax >= xmin and ymax >= ymin")
     difficult = (element.findtext("difficult") or "0").strip()
     if difficult not in ("0", "1"):
-        raise _error(path, line, f"<difficult> of {name!r} is {difficult!r}; expected 0 or 1")
+        raise line_error(path, line, f"<difficult> of {name!r} is {difficult!r}; expected 0 or 1")
     return VOCObject(name, (xmin - 1, ymin - 1, xmax, ymax), difficult == "1", line)
 
 
@@ -143,7 +139,7 @@ def read_voc_file(path: str, image_folder: str, errors: list[ValueError]) -> VOC
     read at all raises ValueError naming the file and the line."""
     root, lines = parse_xml(path)
     if root.tag != "annotation":
-        raise _error(path, lines[root], f"the root element is <{root.tag}>; expected <annotation>")
+        raise line_error(path, lines[root], f"the root element is <{root.tag}>; expected <annotation>")
     objects = []
     for element in root.findall("object"):
         try:
@@ -228,12 +224,12 @@ def found_class_names(files: list[VOCFile]) -> list[str]:
     return list(VOC_CLASSES) if names <= set(VOC_CLASSES) else sorted(names)
 
 
-def run_class_names(class_list: str | None, sets: Sequence[VOCSet | None]) -> list[str]:
-    """The classes of a run on these sets (its training and validation sets; None for none): those of the class
-    list file (the CSV format's) if given, else found_class_names over all their files."""
+def run_class_names(class_list: str | None, parsed_sets: Iterable[ParsedVOC]) -> list[str]:
+    """The classes of a run on these sets (its training and validation sets, as read_voc_set returns them): those
+    of the class list file (the CSV format's) if given, else found_class_names over all their files."""
     if class_list:
         return read_class_list(class_list)
-    return found_class_names([file for voc_set in sets if voc_set is not None for file in read_voc_set(voc_set).files])
+    return found_class_names([file for parsed in parsed_sets for file in parsed.files])
 
 
 class VOCBoxes(NamedTuple):
@@ -251,7 +247,7 @@ def boxes_of_files(files: list[VOCFile], class_names: list[str]) -> VOCBoxes:
     boxes = VOCBoxes([], [], [], [])
     for file in files:
         known = [obj for obj in file.objects if obj.name in class_index]
-        boxes.errors.extend(_error(file.xml_path, obj.line, f"unknown class {obj.name!r}; the class list has "
+        boxes.errors.extend(line_error(file.xml_path, obj.line, f"unknown class {obj.name!r}; the class list has "
                                    f"{class_names[:20]}") for obj in file.objects if obj.name not in class_index)
         rows = [[*obj.box, class_index[obj.name]] for obj in known]
         boxes.annotations.append(np.array(rows, dtype=np.float32).reshape(-1, 5))

@@ -17,7 +17,7 @@ from retinanet.anchor_fit import TARGET_COVERAGE, anchor_flags, fit_anchors, fit
 from retinanet.anchors import anchors_of
 from retinanet.check import dataset_boxes
 from retinanet.checkpoint import read_checkpoint
-from retinanet.coverage import anchor_coverage, coverage_report, paired_iou, shorter_sides
+from retinanet.coverage import anchor_coverage, coverage_report, level_ious, shorter_sides
 from retinanet.dataloader import CSVDataset
 from retinanet.drawing import CAPTION_HEIGHT, COVERED_COLOUR, UNCOVERED_COLOUR
 from retinanet.settings import ModelSettings
@@ -88,11 +88,15 @@ def test_a_jitter_range_is_measured_at_five_sizes_and_averaged():
     assert jittered.share(jittered.covered()) == pytest.approx(float(jittered.covered().double().mean()))
 
 
-def test_paired_iou_is_the_diagonal_of_box_iou():
+def test_level_ious_are_box_iou_with_the_best_anchor_of_each_shape_on_each_level():
     generator = torch.Generator().manual_seed(0)
     corners = torch.rand(50, 2, 2, generator=generator) * 100
-    boxes = torch.cat([corners.amin(dim=1), corners.amax(dim=1) + 1], dim=1)  # (50, 4)
-    torch.testing.assert_close(paired_iou(boxes[:25], boxes[25:]), box_iou(boxes[:25], boxes[25:]).diagonal())
+    boxes = torch.cat([corners.amin(dim=1), corners.amax(dim=1) + 1], dim=1)  # (50, 4) in a 128 x 128 image
+    anchors = anchors_of(ModelSettings(num_classes=2))
+    ious = level_ious(boxes, torch.tensor([[128, 128]] * 50), anchors)  # (L, G, A)
+    every_anchor = box_iou(boxes, anchors.for_size(128, 128)).split(anchors.num_per_level(128, 128), dim=1)
+    expected = [level.view(50, -1, anchors.num_anchors).amax(dim=1) for level in every_anchor]  # L x (G, A)
+    torch.testing.assert_close(ious, torch.stack(expected))
 
 
 def random_boxes(count: int, low: float, high: float, image_size: int = 400, seed: int = 0):

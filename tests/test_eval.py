@@ -37,10 +37,17 @@ FAR = [100, 100, 110, 110]  # overlaps nothing
 # ----------------------------------------------------------------------------------------- VOC-style AP
 
 
+def average_precisions(detections, annotations, iou_threshold: float = 0.5, use_07_metric: bool = False) -> dict:
+    """{class k: (AP, number of annotated boxes)} of per-image, per-class arrays, as evaluate's table has them."""
+    curves = evaluation.precision_recall_curves(detections, annotations, iou_threshold)
+    table = evaluation.metrics_table(curves, use_07_metric=use_07_metric)
+    return dict(enumerate(zip(table["AP"], table["annotations"])))
+
+
 def test_perfect_detector_has_ap_one():
     detections = [[scored(A + [0.9], B + [0.8]), scored(C + [0.7])], [NONE_5, scored(D + [0.6])]]
     annotations = [[boxes(A, B), boxes(C)], [NONE_4, boxes(D)]]
-    assert evaluation.average_precisions(detections, annotations) == {0: (1.0, 2), 1: (1.0, 2)}
+    assert average_precisions(detections, annotations) == {0: (1.0, 2), 1: (1.0, 2)}
 
 
 def test_duplicate_detection_is_a_false_positive():
@@ -48,7 +55,7 @@ def test_duplicate_detection_is_a_false_positive():
     #   precision 1/1, 1/2, 2/3; recall 1/2, 1/2, 2/2; envelope 1, 2/3, 2/3
     #   AP = (1/2 - 0) * 1 + (1/2 - 1/2) * 2/3 + (1 - 1/2) * 2/3 = 1/2 + 1/3 = 5/6
     detections = [[scored(A + [0.9], A + [0.8], B + [0.7])]]
-    ap, num_annotations = evaluation.average_precisions(detections, [[boxes(A, B)]])[0]
+    ap, num_annotations = average_precisions(detections, [[boxes(A, B)]])[0]
     assert ap == pytest.approx(5 / 6)
     assert num_annotations == 2
 
@@ -56,7 +63,7 @@ def test_duplicate_detection_is_a_false_positive():
 def test_detection_of_the_wrong_class_does_not_match():
     detections = [[NONE_5, scored(A + [0.9])]]  # class 1 detected where class 0 is annotated
     annotations = [[boxes(A), NONE_4]]
-    results = evaluation.average_precisions(detections, annotations)
+    results = average_precisions(detections, annotations)
     assert results == {0: (0.0, 1), 1: (0.0, 0)}  # class 0 has no detection; class 1 no annotation
     assert evaluation.mean_average_precision(results) == 0.0  # the mean over class 0 alone
 
@@ -65,18 +72,18 @@ def test_detection_of_the_wrong_class_does_not_match():
 def test_iou_threshold_is_inclusive(height, expected_ap):
     # box (0, 0, 10, h) inside A = (0, 0, 10, 10): IoU = 10h / 100, so 0.49, exactly 0.5 and 0.51
     detections = [[scored([0, 0, 10, height, 0.9])]]
-    ap, _ = evaluation.average_precisions(detections, [[boxes(A)]], iou_threshold=0.5)[0]
+    ap, _ = average_precisions(detections, [[boxes(A)]], iou_threshold=0.5)[0]
     assert ap == expected_ap
 
 
 def test_class_with_no_detections_has_ap_zero():
-    assert evaluation.average_precisions([[NONE_5]], [[boxes(A, B)]]) == {0: (0.0, 2)}
+    assert average_precisions([[NONE_5]], [[boxes(A, B)]]) == {0: (0.0, 2)}
 
 
 def test_class_without_annotations_is_left_out_of_the_mean():
     detections = [[scored(A + [0.9]), scored(B + [0.8])]]  # class 1's detection is a false positive
     annotations = [[boxes(A), NONE_4]]
-    results = evaluation.average_precisions(detections, annotations)
+    results = average_precisions(detections, annotations)
     assert results == {0: (1.0, 1), 1: (0.0, 0)}
     assert evaluation.mean_average_precision(results) == 1.0  # not (1 + 0) / 2
     assert np.isnan(evaluation.mean_average_precision({0: (0.0, 0)}))
@@ -98,7 +105,7 @@ MIXED_ANNOTATIONS = [[boxes(A, B)], [boxes(C, D)]]
 
 def test_all_point_ap_of_interleaved_true_and_false_positives():
     # AP = sum of recall gained x envelope = 1/4 * 1 + 1/4 * 2/3 + 1/4 * 1/2 = 6/24 + 4/24 + 3/24 = 13/24
-    ap, num_annotations = evaluation.average_precisions(MIXED_DETECTIONS, MIXED_ANNOTATIONS)[0]
+    ap, num_annotations = average_precisions(MIXED_DETECTIONS, MIXED_ANNOTATIONS)[0]
     assert ap == pytest.approx(13 / 24)
     assert num_annotations == 4
 
@@ -110,7 +117,7 @@ def test_eleven_point_ap_of_voc2007():
     #   r = 0.6, 0.7          -> 1/2    (recall 3/4 only)
     #   r = 0.8, 0.9, 1.0     -> 0      (never reached)
     #   AP = (3 * 1 + 3 * 2/3 + 2 * 1/2 + 3 * 0) / 11 = 6/11
-    ap, _ = evaluation.average_precisions(MIXED_DETECTIONS, MIXED_ANNOTATIONS, use_07_metric=True)[0]
+    ap, _ = average_precisions(MIXED_DETECTIONS, MIXED_ANNOTATIONS, use_07_metric=True)[0]
     assert ap == pytest.approx(6 / 11)
 
 
@@ -123,9 +130,9 @@ def test_curve_lists_precision_and_recall_after_each_detection():
 
 def test_inconsistent_inputs_raise_value_error():
     with pytest.raises(ValueError, match="images"):
-        evaluation.average_precisions([[NONE_5]], [[NONE_4], [NONE_4]])
+        average_precisions([[NONE_5]], [[NONE_4], [NONE_4]])
     with pytest.raises(ValueError, match="one array per class"):
-        evaluation.average_precisions([[NONE_5]], [[NONE_4, NONE_4]])
+        average_precisions([[NONE_5]], [[NONE_4, NONE_4]])
 
 
 # ------------------------------------------------------------------------------ per-class precision and recall
@@ -139,7 +146,8 @@ def test_precision_and_recall_are_computed_per_class():
     # class 2, no boxes: one FP, precision 0, recall undefined.
     detections = [[scored(A + [0.9], FAR + [0.8], B + [0.3]), scored(C + [0.7]), scored(D + [0.6])]]
     annotations = [[boxes(A, B), boxes(C), NONE_4]]
-    table = evaluation.class_metrics(detections, annotations, score_threshold=0.5, class_names=["cat", "dog", "cow"])
+    curves = evaluation.precision_recall_curves(detections, annotations)
+    table = evaluation.metrics_table(curves, score_threshold=0.5, class_names=["cat", "dog", "cow"])
     assert list(table.columns) == ["class", "AP", "annotations", "precision", "recall"]
     assert list(table["class"]) == ["cat", "dog", "cow"]
     assert list(table["annotations"]) == [2, 1, 0]

@@ -5,7 +5,7 @@ from PIL import Image
 
 from conftest import CLASSES, save_image, write
 from retinanet.dataloader import CSVDataset
-from retinanet.images import read_rgb_image
+from retinanet.images import read_image_size, read_rgb_image
 
 
 def test_images_of_every_mode_are_read_as_rgb(tmp_path):
@@ -59,6 +59,12 @@ BAD_FILES = {
     "truncated.jpg": lambda tmp_path: truncated(tmp_path, ".jpg"),
     "broken_chunk.png": broken_png,
 }
+
+
+def test_the_size_from_the_header_is_height_then_width_as_the_decoded_image(tmp_path):
+    path = str(tmp_path / "wide.png")
+    Image.new("RGB", (40, 30)).save(path)  # PIL sizes are (width, height)
+    assert read_image_size(path) == (30, 40) == tuple(read_rgb_image(path).shape[1:])
 
 
 @pytest.mark.parametrize("name", BAD_FILES)

@@ -18,7 +18,7 @@ from retinanet.annotations import read_csv_image_paths
 from retinanet.checkpoint import load_model
 from retinanet.drawing import image_folder_dataset
 from retinanet.images import find_images
-from retinanet.predict import predict_dataset
+from retinanet.predict import load_for_inference, predict_dataset
 from retinanet.prediction_files import collect_images
 from retinanet.transforms import build_transform
 from small_objects import save_scene, scatter_objects, write_training_set
@@ -118,6 +118,13 @@ def test_unreadable_images_are_named_skipped_and_exit_with_status_1(trained_shap
     assert f"{tmp_path / 'gone.jpg'}: image file not found" in error
     assert sorted({row[0] for row in read_rows(tmp_path / "found.csv")}) == [str(path) for path in good]
     assert sorted(os.listdir(tmp_path)) == ["found.csv", "in"]  # and no temporary file
+
+
+def test_image_sizes_given_for_inference_are_the_models_settings_and_the_datasets_resize(trained_shapes_run):
+    dataset = image_folder_dataset(find_images(os.path.join(trained_shapes_run.data_dir, "images", "val")), [])
+    model = load_for_inference(trained_shapes_run.checkpoint, dataset, "cpu", min_size=48, max_size=72).model
+    assert (model.settings.min_size, model.settings.max_size) == (48, 72)
+    assert (dataset.transform.resize.min_size, dataset.transform.resize.max_size) == (48, 72)
 
 
 def test_an_output_of_another_format_stops_before_the_model_is_read(tmp_path, capsys):

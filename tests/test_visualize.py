@@ -122,7 +122,7 @@ def test_folder_of_images_gives_one_drawing_per_image_at_its_size(tmp_path):
     save_gray(tmp_path / "in" / "c.bmp", 60, 48)
     (tmp_path / "in" / "notes.txt").write_text("not an image")
     dataset = drawing.image_folder_dataset(visualize.find_images(str(tmp_path / "in")), CLASS_NAMES)
-    paths = drawing.visualize_dataset(FixedDetector().eval(), dataset, CLASS_NAMES, str(tmp_path / "out"))
+    paths = drawing.visualize_dataset(FixedDetector().eval(), dataset, str(tmp_path / "out"))
     assert paths == [str(tmp_path / "out" / name) for name in ("a.jpg", "b.png", "c.png")]
     formats_and_sizes = [(Image.open(path).format, Image.open(path).size) for path in paths]
     assert formats_and_sizes == [("JPEG", (48, 64)), ("PNG", (40, 50)), ("PNG", (60, 48))]
@@ -137,7 +137,7 @@ def test_annotated_set_gives_ground_truth_next_to_predictions_for_limit_images(t
     (tmp_path / "classes.csv").write_text("cat,0\ndog,1\ncow,2\n")
     (tmp_path / "val.csv").write_text("0.png,5,5,20,30,cow\n1.png,,,,,\n2.png,1,1,9,9,cat\n")
     dataset = CSVDataset(str(tmp_path / "val.csv"), str(tmp_path / "classes.csv"))
-    paths = drawing.visualize_dataset(FixedDetector().eval(), dataset, CLASS_NAMES, str(tmp_path / "out"), limit=2)
+    paths = drawing.visualize_dataset(FixedDetector().eval(), dataset, str(tmp_path / "out"), limit=2)
     assert paths == [str(tmp_path / "out" / "0.png"), str(tmp_path / "out" / "1.png")]
     assert [Image.open(path).size for path in paths] == [(2 * 40, drawing.CAPTION_HEIGHT + 50)] * 2
     drawn = np.asarray(Image.open(paths[0]))
@@ -149,13 +149,13 @@ def test_unreadable_image_is_a_value_error_naming_it(tmp_path):
     (tmp_path / "in" / "broken.png").write_bytes(b"not a png")
     dataset = drawing.image_folder_dataset(visualize.find_images(str(tmp_path / "in")), CLASS_NAMES)
     with pytest.raises(ValueError, match="broken.png"):
-        drawing.visualize_dataset(FixedDetector().eval(), dataset, CLASS_NAMES, str(tmp_path / "out"))
+        drawing.visualize_dataset(FixedDetector().eval(), dataset, str(tmp_path / "out"))
 
 
 def test_drawings_never_overwrite_the_input_images(tmp_path):
     dataset = drawing.image_folder_dataset([save_gray(tmp_path / "a.png", 32, 32)], CLASS_NAMES)
     with pytest.raises(ValueError, match="overwrite the input"):
-        drawing.visualize_dataset(FixedDetector().eval(), dataset, CLASS_NAMES, str(tmp_path))
+        drawing.visualize_dataset(FixedDetector().eval(), dataset, str(tmp_path))
 
 
 @pytest.mark.parametrize("folder, message", [("missing", "no such image file or folder"),
@@ -187,9 +187,9 @@ def test_incomplete_or_contradictory_flags_are_refused(argv):
 def test_bad_threshold_and_limit_are_value_errors(tmp_path):
     dataset = drawing.image_folder_dataset([save_gray(tmp_path / "a.png", 32, 32)], CLASS_NAMES)
     with pytest.raises(ValueError, match="score_threshold"):
-        drawing.visualize_dataset(FixedDetector().eval(), dataset, CLASS_NAMES, str(tmp_path / "out"), 1.5)
+        drawing.visualize_dataset(FixedDetector().eval(), dataset, str(tmp_path / "out"), 1.5)
     with pytest.raises(ValueError, match="limit"):
-        drawing.visualize_dataset(FixedDetector().eval(), dataset, CLASS_NAMES, str(tmp_path / "out"), limit=0)
+        drawing.visualize_dataset(FixedDetector().eval(), dataset, str(tmp_path / "out"), limit=0)
 
 
 def test_augmented_draws_the_first_training_samples_as_the_loop_receives_them(tmp_path, capsys):

@@ -4,15 +4,19 @@ cause and --check_data, and a one-epoch training run that evaluates, then csv_ev
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import csv_eval
 import train
-from retinanet import evaluation
-from retinanet.check import check_voc
-from retinanet.checkpoint import read_checkpoint
+import visualize
+from retinanet import evaluation, voc
+from retinanet.check import check_data, check_voc
+from retinanet.checkpoint import read_checkpoint, save_checkpoint
 from retinanet.dataloader import VOCDataset
-from retinanet.voc import VOC_CLASSES, VOCSet, run_class_names, training_sets
+from retinanet.model import resnet18
+from retinanet.voc import VOC_CLASSES, VOCSet, read_voc_set, run_class_names, training_sets
+from test_eval import average_precisions
 
 WIDTH, HEIGHT = 64, 48
 # id -> objects (name, (xmin, ymin, xmax, ymax) 1-based inclusive as VOC writes them, difficult, truncated)
@@ -108,6 +112,21 @@ def test_training_reads_07_and_12_trainval_and_validates_on_07_test(voc2007, tmp
     assert training_sets([str(tmp_path)], "a", "b", [str(voc2012)])[1] == VOCSet((str(voc2012),), "b")
 
 
+def test_a_run_reads_each_xml_file_once_and_check_data_once_more(voc2007, monkeypatch, capsys):
+    parsed, parse_xml = [], voc.parse_xml
+
+    def counted_parse_xml(path):
+        parsed.append(path)
+        return parse_xml(path)
+
+    monkeypatch.setattr(voc, "parse_xml", counted_parse_xml)
+    config = train.settle(train.parse_args(["--dataset", "voc", "--voc_path", str(voc2007)]), world_size=1)
+    train_set, val_set = train.build_datasets(config, (64, 64), rank=0, world_size=1)
+    assert len(train_set) + len(val_set) == len(parsed) == 6 and train_set.class_names == ["cell", "nucleus"]
+    parsed.clear()
+    assert check_data(voc=train.voc_sets(config), workers=1) and len(parsed) == 6  # classes and check: one read
+
+
 def test_set_names_default_per_dataset_and_voc_needs_its_path(capsys):
     args = train.parse_args(["--dataset", "voc", "--voc_path", "VOC2007", "VOC2012"])
     config = train.settle(args, world_size=1)
@@ -176,7 +195,8 @@ def test_check_data_lists_malformed_xml_unknown_classes_and_boxes_past_the_image
     assert f"VOC set trainval of {voc2007}: 1 error(s), 1 warning(s)" in output
     assert f"VOC set test of {voc2007}: 1 error(s), 0 warning(s)" in output
     assert check_voc(VOCSet((str(voc2007),), "test"), ["cell", "nucleus", "virus"], workers=1) == []
-    assert run_class_names(None, training_sets([str(voc2007)], "trainval", "test")) == ["cell", "nucleus", "virus"]
+    parsed_sets = [read_voc_set(voc_set) for voc_set in training_sets([str(voc2007)], "trainval", "test")]
+    assert run_class_names(None, parsed_sets) == ["cell", "nucleus", "virus"]
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -206,7 +226,26 @@ def test_ap_leaves_difficult_boxes_out_as_computed_by_hand(tmp_path):
     # precision 1, 1, 2/3, 3/4 at recall 1/3, 2/3, 2/3, 1; AP (1 + 1 + 3/4) / 3 = 11/12.
     detections = [[np.c_[prediction["boxes"], prediction["scores"]]] for prediction in predictions]
     annotations = [[dataset.load_annotations(i)[:, :4]] for i in range(2)]
-    assert evaluation.average_precisions(detections, annotations)[0] == (pytest.approx(11 / 12), 3)
+    assert average_precisions(detections, annotations)[0] == (pytest.approx(11 / 12), 3)
+
+
+def test_a_voc_set_with_the_models_classes_reads_the_checkpoint_once(voc2007, tmp_path, monkeypatch):
+    model = resnet18(num_classes=2)
+    path = str(tmp_path / "model.pt")
+    save_checkpoint({"model": model.state_dict(), "class_names": ["cell", "nucleus"],
+                     "model_settings": model.settings.as_dict()}, path)
+    loads = []
+
+    def counted_load(file, *args, **kwargs):
+        loads.append(file)
+        return torch.serialization.load(file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counted_load)
+    flags = ["--voc_path", str(voc2007), "--model", path, "--device", "cpu", "--min_size", "64", "--max_size", "64"]
+    assert csv_eval.main(flags) == 0 and loads == [path]
+    loads.clear()
+    flags = ["--dataset", "voc", "--anchors", "--output", str(tmp_path / "anchors"), "--limit", "1"] + flags[:4]
+    assert visualize.main(flags) == 0 and loads == [path]
 
 
 # ----------------------------------------------------------------------------------------------------- training
