@@ -223,11 +223,12 @@ class LoadedModel(NamedTuple):
     class_names: list[str]
 
 
-def load_model(path: str, device: str | torch.device = "cpu", **changes) -> LoadedModel:
+def load_model(path: str | dict, device: str | torch.device = "cpu", **changes) -> LoadedModel:
     """A RetinaNet in eval mode on `device`, with its class names, from a checkpoint written by train.py, a
-    checkpoint of tools/convert_torchvision.py, or a bare state dict. `changes` are settings to run it with instead
-    of the checkpoint's, as model_from_checkpoint takes them (e.g. score_threshold, min_size)."""
-    checkpoint = read_checkpoint(path)
+    checkpoint of tools/convert_torchvision.py, or a bare state dict: its path, or its contents where the caller has
+    read it already. `changes` are settings to run it with instead of the checkpoint's, as model_from_checkpoint
+    takes them (e.g. score_threshold, min_size)."""
+    checkpoint = read_checkpoint(path) if isinstance(path, str) else path
     model = model_from_checkpoint(checkpoint, **changes)
     class_names = checkpoint.get("class_names") or [str(label) for label in range(model.num_classes)]
     return LoadedModel(model.to(device).eval(), list(class_names))

@@ -149,13 +149,11 @@ def load_for_inference(
     available), ready to run on `dataset`: the dataset's images are resized as in training unless min_size or
     max_size say otherwise, and its classes must be the model's (a dataset without any, a folder of images, takes
     the model's). `checkpoint` is the file's contents where the caller has read it already."""
-    from .checkpoint import model_from_checkpoint, read_checkpoint  # the model code only here: the metrics need none
+    from .checkpoint import load_model  # the model code only here: the metrics need none
 
     device = resolve_device(device)
-    checkpoint = read_checkpoint(model_path) if checkpoint is None else checkpoint
     sizes = given_settings(min_size=min_size, max_size=max_size)
-    model = model_from_checkpoint(checkpoint, **sizes).to(device).eval()  # model.settings: the sizes it runs at
-    class_names = checkpoint.get("class_names") or [str(label) for label in range(model.num_classes)]
+    model, class_names = load_model(model_path if checkpoint is None else checkpoint, device, **sizes)
     if dataset.class_names:
         check_class_names(class_names, dataset.class_names)
     else:
