@@ -9,13 +9,10 @@ Training a RetinaNet has three stages, each a function below:
 Legend for shapes: B batch, R anchors over all levels, K classes, G ground-truth boxes per image (padded).
 """
 
-import functools
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from .boxes import batched_box_iou, decode, encode
 from .settings import ModelSettings
@@ -26,62 +23,21 @@ IGNORED = -2  # IoU in [bg_iou, fg_iou): "ignored during training" (§4 "Anchors
 EMA_START = 100.0  # detectron2's first value of the moving average of the foreground count
 
 
-def focal_terms(logits: torch.Tensor, positive: torch.Tensor, alpha: float, gamma: float, with_grad: bool = True):
-    """The α-balanced focal loss of Eq. 5 at each element of `logits`, and its gradient with respect to them (None
-    if not `with_grad`), for bool targets `positive` of the same shape: the loss in float32 (or float64), the
-    gradient in the logits' dtype.
-
-    Computed in logit space, so exact where a clamped probability would not be: with z = x if y = 1 else -x,
-    p_t = sigmoid(z) (Eq. 2), 1 - p_t = sigmoid(-z) and -log(p_t) = log(1 + exp(-z)).
-    """
-    x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 and fp16 in float32, float64 as it is
-    z = torch.where(positive, x, -x)  # Eq. 2: p_t = p if y = 1 else 1 - p, i.e. p_t = sigmoid(z)
-    # -log(p_t) = log(1 + exp(-z)) = max(-z, 0) + log(1 + exp(-|z|)), so that exp() never overflows. Written out
-    # because torch's softplus and logsigmoid go through log1p, several times slower on CPUs.
-    cross_entropy = F.relu(-z) + torch.log(1 + torch.exp(-z.abs()))
-    one_minus_p_t = torch.sigmoid(-z)
-    modulating_factor = one_minus_p_t**gamma  # Eq. 4: "adding a modulating factor (1 - p_t)^γ"
-    alpha_t = torch.where(positive, alpha, 1 - alpha) if alpha >= 0 else 1.0  # Eq. 3: α for y = 1, 1 - α for 0
-    loss = alpha_t * modulating_factor * cross_entropy
-    if not with_grad:
-        return loss, None
-    # d FL / dz = -α_t (1 - p_t)^γ (γ p_t (-log p_t) + 1 - p_t), from d p_t / dz = p_t (1 - p_t); dz / dx = ±1.
-    grad_z = -alpha_t * modulating_factor * (gamma * (1 - one_minus_p_t) * cross_entropy + one_minus_p_t)
-    return loss, torch.where(positive, grad_z, -grad_z).to(logits.dtype)
-
-
-@functools.cache
-def fused_focal_terms():
-    """focal_terms compiled into one GPU kernel: a dozen element-wise passes over (B, R, K) tensors become one.
-    Made on the first call, for any shape (dynamic)."""
-    return torch.compile(focal_terms, dynamic=True)
-
-
-class FocalLoss(torch.autograd.Function):
-    """Element-wise α-balanced focal loss, paper Eq. 5, with its gradient written out: autograd would keep about
-    ten intermediate tensors of the logits' size for its backward pass and walk back through each; this keeps
-    one, the gradient, computed along with the loss (in one fused kernel on a GPU). Use it through focal_loss."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, positive: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
-        terms = fused_focal_terms() if logits.is_cuda else focal_terms
-        # logits that need no gradient (computed under torch.no_grad, or detached): the loss alone
-        loss, grad = terms(logits, positive, alpha, gamma, with_grad=ctx.needs_input_grad[0])
-        ctx.save_for_backward(grad)
-        return loss
-
-    @staticmethod
-    @once_differentiable  # the saved gradient is a constant: no second derivative through it
-    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        (grad_logits,) = ctx.saved_tensors
-        return grad_loss * grad_logits, None, None, None
-
-
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
-    """Element-wise α-balanced focal loss, paper Eq. 5: FL(p_t) = -α_t (1 - p_t)^γ log(p_t), for targets y in
-    {0, 1} (bool or float) of the logits' shape. alpha = 0.25 and gamma = 2 are the paper's choice (§5.1, Table
-    1a/b); alpha < 0 turns the α-balancing off."""
-    return FocalLoss.apply(logits, targets.bool(), alpha, gamma)
+    """The α-balanced focal loss of Eq. 5, FL(p_t) = −α_t (1 − p_t)^γ log(p_t), at each element of `logits`, for
+    targets y in {0, 1} (bool or float) of the same shape; in float32 (float64 stays float64). alpha < 0 turns the
+    α-balancing off. Gradients by autograd; RetinaNetLoss trains with fused_focal_loss.py, which computes the same.
+
+    From the logits, as §3.2 says the loss layer should ("combines the sigmoid operation for computing p with the
+    loss computation, resulting in greater numerical stability"), with Appendix A's x_t.
+    """
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    positive = targets.bool()
+    x_t = torch.where(positive, x, -x)  # Appendix A: "x_t = yx", y ∈ {±1}, so that p_t = σ(x_t) (Eq. 2)
+    cross_entropy = -F.logsigmoid(x_t)  # CE(p_t) = −log(p_t) (Eq. 2), exact even where p_t rounds to 1
+    one_minus_p_t = torch.sigmoid(-x_t)  # 1 − p_t, without the cancellation of 1 − σ(x_t)
+    alpha_t = torch.where(positive, alpha, 1 - alpha) if alpha >= 0 else 1.0  # Eq. 3: α for y = 1, 1 − α for y = 0
+    return alpha_t * one_minus_p_t**gamma * cross_entropy  # Eq. 5
 
 
 def match_batch(

@@ -5,15 +5,12 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
-from retinanet import losses
 from retinanet.boxes import MAX_LOG_SCALE, batched_box_iou, decode, encode
 from retinanet.losses import (
     BACKGROUND,
     IGNORED,
     RetinaNetLoss,
     focal_loss,
-    focal_terms,
-    fused_focal_terms,
     generalized_iou_loss,
     match_batch,
 )
@@ -157,7 +154,6 @@ def test_loss_rejects_unknown_options():
 
 
 def test_focal_loss_gradient_matches_autograd_through_torchvision():
-    # FocalLoss writes its gradient out; torchvision's sigmoid_focal_loss is differentiated by autograd.
     generator = torch.Generator().manual_seed(2)
     logits = torch.randn(3, 50, 6, generator=generator, dtype=torch.float64) * 5
     logits[0, :4] = torch.tensor([0.0, -60.0, 60.0, 1e-3], dtype=torch.float64)[:, None]  # z = 0 and far tails
@@ -175,25 +171,6 @@ def test_focal_loss_gradcheck():
     logits = torch.tensor([[-3.0, 0.0, 0.5], [2.0, -0.7, 8.0]], dtype=torch.float64, requires_grad=True)
     targets = torch.tensor([[True, False, True], [False, False, True]])
     assert torch.autograd.gradcheck(lambda x: focal_loss(x, targets, 0.25, 2.0), (logits,))
-
-
-def test_focal_loss_computes_its_gradient_only_when_one_is_needed(monkeypatch):
-    gradients = []
-
-    def recording_terms(*args, **kwargs):
-        loss, gradient = focal_terms(*args, **kwargs)
-        gradients.append(gradient)
-        return loss, gradient
-
-    monkeypatch.setattr(losses, "focal_terms", recording_terms)
-    layer = torch.nn.Linear(4, 3)  # logits out of a network, as in training and evaluation
-    inputs = torch.randn(5, 4, generator=torch.Generator().manual_seed(3))
-    targets = torch.tensor([[True, False, False]] * 5)
-    with torch.no_grad():
-        without = focal_loss(layer(inputs), targets)
-    with_grad = focal_loss(layer(inputs), targets)
-    assert gradients[0] is None and gradients[1].shape == (5, 3)
-    assert torch.equal(without, with_grad.detach()) and with_grad.requires_grad
 
 
 def reference_losses(cls_logits, box_deltas, anchors, annotations, settings):
@@ -287,15 +264,3 @@ def test_batched_box_iou_and_generalized_iou_loss_equal_torchvision():
     predicted = decode(anchors[:3], box_deltas[0, :3].detach(), (1.0, 1.0, 1.0, 1.0))
     torch.testing.assert_close(generalized_iou_loss(predicted, boxes),
                                generalized_box_iou_loss(predicted, boxes, reduction="none"))
-
-
-@pytest.mark.slow
-def test_the_fused_focal_kernel_computes_what_the_eager_one_does():
-    # torch.compile makes the GPU's one-kernel focal loss; compiled here for the CPU, it must trace to the same math.
-    generator = torch.Generator().manual_seed(4)
-    logits = torch.randn(2, 300, 5, generator=generator) * 4
-    positive = torch.rand(2, 300, 5, generator=generator) > 0.9
-    for alpha, gamma in [(0.25, 2.0), (-1, 0.0)]:
-        for fused, eager in zip(fused_focal_terms()(logits, positive, alpha, gamma),
-                                focal_terms(logits, positive, alpha, gamma)):
-            torch.testing.assert_close(fused, eager)
