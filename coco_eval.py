@@ -8,10 +8,10 @@ and scored by pycocotools' COCOeval.
 import argparse
 import sys
 
-from retinanet.cli import add_inference_arguments, inference_options, run_script
-from retinanet.coco_evaluation import evaluate_coco
+from retinanet.engine.flags import add_inference_arguments, inference_options, run_script
+from retinanet.engine.coco_evaluation import evaluate_coco
 from retinanet.dataloader import CocoDataset
-from retinanet.predict import predict_with_checkpoint
+from retinanet.engine.prediction import predict_with_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -15,10 +15,10 @@ How detections are matched and AP computed: retinanet/evaluation.py.
 import argparse
 import sys
 
-from retinanet.cli import add_inference_arguments, inference_options, run_script
+from retinanet.engine.flags import add_inference_arguments, inference_options, run_script
 from retinanet.dataloader import CSVDataset, DetectionDataset, VOCDataset
-from retinanet.evaluation import evaluate
-from retinanet.predict import class_names_to_read, predict_with_checkpoint
+from retinanet.engine.evaluation import evaluate
+from retinanet.engine.prediction import class_names_to_read, predict_with_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,7 +50,7 @@ def build_dataset(args: argparse.Namespace, checkpoint: dict | None) -> Detectio
 
 
 def run(args: argparse.Namespace) -> None:
-    from retinanet.checkpoint import read_checkpoint  # the model code only here: the metrics need none
+    from retinanet.engine.checkpoint import read_checkpoint  # the model code only here: the metrics need none
 
     # The checkpoint is read once (classes, model): before a VOC set, which takes its classes; after a CSV set,
     # checked first.

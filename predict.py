@@ -18,11 +18,11 @@ import argparse
 import os
 import sys
 
-from retinanet.cli import add_inference_arguments, inference_options, run_script
-from retinanet.drawing import DRAW_THRESHOLD, draw_predictions
-from retinanet.prediction_files import collect_images, output_format, predict_files, write_detections
-from retinanet.runtime import default_workers
-from retinanet.tiling import DEFAULT_OVERLAP
+from retinanet.engine.flags import add_inference_arguments, inference_options, run_script
+from retinanet.engine.drawing import DRAW_THRESHOLD, draw_predictions
+from retinanet.engine.detection_files import collect_images, output_format, predict_files, write_detections
+from retinanet.engine.runtime import default_workers
+from retinanet.engine.tiling import DEFAULT_OVERLAP
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

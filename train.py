@@ -24,24 +24,24 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from retinanet.augmentations import AUGMENTATIONS
-from retinanet.check import check_anchors, check_data
-from retinanet.checkpoint import checkpoint_settings, model_from_checkpoint, read_checkpoint, resumed_settings
-from retinanet.checkpoint import restore_training_state, save_checkpoint, training_state
-from retinanet.cli import add_anchor_arguments, require_dataset_flags, run_script, typed_settings
-from retinanet.coco_evaluation import evaluate_coco
+from retinanet.data.augmentations import AUGMENTATIONS
+from retinanet.diagnostics.check import check_anchors, check_data
+from retinanet.engine.checkpoint import checkpoint_settings, model_from_checkpoint, read_checkpoint, resumed_settings
+from retinanet.engine.checkpoint import restore_training_state, save_checkpoint, training_state
+from retinanet.engine.flags import add_anchor_arguments, require_dataset_flags, run_script, typed_settings
+from retinanet.engine.coco_evaluation import evaluate_coco
 from retinanet.dataloader import CocoDataset, CSVDataset, VOCDataset, training_loader
-from retinanet.drawing import visualize_dataset
-from retinanet.evaluation import evaluate
+from retinanet.engine.drawing import visualize_dataset
+from retinanet.engine.evaluation import evaluate
 from retinanet.model import RetinaNet, WeightsUnavailableError, initial_freezing, pretrained_retinanet
 from retinanet.optimization import build_optimizer, default_lr, lr_factor
-from retinanet.predict import gather_predictions, predict_dataset
-from retinanet.runtime import StopRequest, default_workers, mixed_precision_dtype, setup_distributed, stop_on_signals
+from retinanet.engine.prediction import gather_predictions, predict_dataset
+from retinanet.engine.runtime import StopRequest, default_workers, mixed_precision_dtype, setup_distributed, stop_on_signals
 from retinanet.settings import BOX_CODINGS, RESNET_DEPTHS, ModelSettings
-from retinanet.shapes import make_shapes_demo
+from retinanet.data.shapes import make_shapes_demo
 from retinanet.training import TrainStep
 from retinanet.transforms import build_transform
-from retinanet.voc import VOCSet, read_voc_set, run_class_names, training_sets
+from retinanet.data.voc import VOCSet, read_voc_set, run_class_names, training_sets
 
 # Per-dataset defaults of the flags left unset. The demo trains a small network from scratch on small images, with
 # AdamW and yhenon's box coding: on 800 images for 6 epochs it reached mAP@0.5 0.555 with it, 0.350 with the raw

@@ -25,15 +25,15 @@ import argparse
 import os
 import sys
 
-from retinanet.augmentations import AUGMENTATIONS
-from retinanet.checkpoint import checkpoint_settings, read_checkpoint
-from retinanet.cli import add_anchor_arguments, add_inference_arguments, require_dataset_flags, run_script
-from retinanet.cli import typed_settings
+from retinanet.data.augmentations import AUGMENTATIONS
+from retinanet.engine.checkpoint import checkpoint_settings, read_checkpoint
+from retinanet.engine.flags import add_anchor_arguments, add_inference_arguments, require_dataset_flags, run_script
+from retinanet.engine.flags import typed_settings
 from retinanet.dataloader import CocoDataset, CSVDataset, DetectionDataset, VOCDataset
-from retinanet.drawing import DRAW_THRESHOLD, draw_training_samples, image_folder_dataset, show_images
-from retinanet.drawing import visualize_anchors, visualize_dataset
-from retinanet.images import find_images
-from retinanet.predict import class_names_to_read, load_for_inference
+from retinanet.engine.drawing import DRAW_THRESHOLD, draw_training_samples, image_folder_dataset, show_images
+from retinanet.engine.drawing import visualize_anchors, visualize_dataset
+from retinanet.data.images import find_images
+from retinanet.engine.prediction import class_names_to_read, load_for_inference
 from retinanet.settings import ModelSettings
 from retinanet.transforms import MAX_SIZE, MIN_SIZE, build_transform
 

@@ -1,6 +1,6 @@
 """Detection datasets (CSV, COCO and Pascal VOC), batching and aspect-ratio grouping: the minibatches of images that
-paper §4.1 "Optimization" trains on. A dataset reads each image (retinanet.images) and its boxes
-(retinanet.annotations, retinanet.voc) and passes both through the transforms of §4.1 (retinanet.transforms).
+paper §4.1 "Optimization" trains on. A dataset reads each image (retinanet.data.images) and its boxes
+(retinanet.data.annotations, retinanet.data.voc) and passes both through the transforms of §4.1 (retinanet.transforms).
 Batches hold images of one orientation only (landscape or portrait), as in detectron2's aspect ratio grouping, so
 that little of a padded batch is padding.
 
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .annotations import MAX_LISTED, clip_annotations, clip_to_image, load_coco, read_class_list, read_csv_annotations
-from .images import read_image_size, read_rgb_image
+from .data.annotations import MAX_LISTED, clip_annotations, clip_to_image, load_coco, read_class_list, read_csv_annotations
+from .data.images import read_image_size, read_rgb_image
 from .transforms import MEAN_COLOUR, DetectionTransform, Target, Transform
-from .voc import ParsedVOC, VOCSet, boxes_of_files, found_class_names, is_voc2007_test, read_voc_set
+from .data.voc import ParsedVOC, VOCSet, boxes_of_files, found_class_names, is_voc2007_test, read_voc_set
 
 PADDING_ROW = -1.0  # value of the annotation rows that collate adds; the loss skips rows with class < 0
 
@@ -181,11 +181,11 @@ class CocoDataset(DetectionDataset):
     """Boxes from `{root}/annotations/instances_{set_name}.json`, images from `{root}/images/{set_name}/` or
     `{root}/{set_name}/`. COCO category ids (sorted) map to class indices 0..K-1 and back. Crowd boxes are
     skipped, zero-area boxes dropped with a warning, images without boxes kept as negatives. Missing image files
-    raise ValueError unless check_files is False (retinanet.check then reports each one)."""
+    raise ValueError unless check_files is False (retinanet.diagnostics.check then reports each one)."""
 
     def __init__(self, root: str, set_name: str, transform: Transform | None = None, check_files: bool = True):
         annotation_file = os.path.join(root, "annotations", f"instances_{set_name}.json")
-        self.annotation_file = annotation_file  # problems found later (retinanet.check) name it
+        self.annotation_file = annotation_file  # problems found later (retinanet.diagnostics.check) name it
         self.coco = load_coco(annotation_file)
         image_dirs = [os.path.join(root, "images", set_name), os.path.join(root, set_name)]
         image_dir = next((folder for folder in image_dirs if os.path.isdir(folder)), None)
@@ -230,9 +230,9 @@ class CocoDataset(DetectionDataset):
 
 class VOCDataset(DetectionDataset):
     """Boxes from the Pascal VOC XML files of set `set_name` of one or more roots: VOC roots (e.g.
-    VOCdevkit/VOC2007, VOCdevkit/VOC2012) or folders of XML files next to their images (retinanet.voc). Classes:
+    VOCdevkit/VOC2007, VOCdevkit/VOC2012) or folders of XML files next to their images (retinanet.data.voc). Classes:
     `class_names` if given, else VOC's 20 when every name found is one of them, else the sorted names found
-    (train.py gives those of its training and validation sets: retinanet.voc.run_class_names).
+    (train.py gives those of its training and validation sets: retinanet.data.voc.run_class_names).
     Difficult boxes train as any other; evaluation neither counts them as hits nor as misses, with the 11-point AP
     on VOC2007's test set. Malformed files and objects, unknown classes and missing images raise ValueError naming
     the file and the line. `parsed` is the set as read_voc_set returns it, where the caller has read it already."""

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .runtime import out_of_memory_hint
+from .engine.runtime import out_of_memory_hint
 
 
 class StepResult(NamedTuple):

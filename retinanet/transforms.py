@@ -3,7 +3,7 @@ pixels, the image scale of the paper's main models ("RetinaNet-800", §5.2 "Spee
 the longer side at 1333), and "We use horizontal image flipping as the only form of data augmentation unless
 otherwise noted" (§4.1 "Optimization"); optional scale jitter draws the shorter side per training image, as for
 the paper's final COCO models (§5.3, Table 2), and opt-in augmentations beyond the paper's run around resize and
-flip (retinanet.augmentations). Images stay uint8, a quarter of the bytes of float32 on their way
+flip (retinanet.data.augmentations). Images stay uint8, a quarter of the bytes of float32 on their way
 to the device; the model normalises them there with the ImageNet mean and std that the pretrained backbone
 expects (`normalize`).
 
@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .augmentations import Augmentation
+from .data.augmentations import Augmentation
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics torchvision's ImageNet backbones were trained with
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -23,7 +23,7 @@ MEAN_COLOUR = tuple(round(255 * mean) for mean in IMAGENET_MEAN)  # (124, 116, 1
 MIN_SIZE, MAX_SIZE = 800, 1333  # the shorter side of the paper's main models (§5.2), Detectron's cap of the longer
 
 # What a dataset passes through its transforms with an image: "boxes" (N, 4) float32 x1, y1, x2, y2 in its pixels,
-# and what follows each box: "labels" (N,) int64 class index, "difficult" (N,) bool (see retinanet.voc).
+# and what follows each box: "labels" (N,) int64 class index, "difficult" (N,) bool (see retinanet.data.voc).
 Target = dict[str, torch.Tensor]
 # (image (3, H, W) uint8, target) -> (image, target, scale); see DetectionTransform
 Transform = Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target, float]]
@@ -108,7 +108,7 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
 class DetectionTransform:
     """The whole pipeline of one item: the geometric augmentations (if any), resize (if any), flip (if any), and the
     photometric augmentation (if any) before the resize if it enlarges the image, after the flip otherwise (see
-    retinanet.augmentations).
+    retinanet.data.augmentations).
 
     Called on (image (3, H, W) uint8, target), returns (image, target, scale), where scale is the resize factor
     (1.0 without a resize); the dataset reports it as item["scale"]. A custom `transform` given to a dataset must
@@ -145,7 +145,7 @@ def build_transform(
     train: bool, min_size: int = MIN_SIZE, max_size: int = MAX_SIZE, jitter: tuple[int, int] | None = None,
     augment: Sequence[str] = (),
 ) -> DetectionTransform:
-    """Training: the augmentations named in `augment` (retinanet.augmentations.AUGMENTATIONS) + resize (to min_size,
+    """Training: the augmentations named in `augment` (retinanet.data.augmentations.AUGMENTATIONS) + resize (to min_size,
     or a shorter side drawn from the jitter range) + flip. Evaluation: resize to min_size; jitter and augment are
     training settings and do not apply."""
     if train:

@@ -7,9 +7,9 @@ images, the first gathers them all and prints the mAP. Run by test_train.py with
 import sys
 
 from retinanet.dataloader import CSVDataset
-from retinanet.evaluation import evaluate
-from retinanet.predict import gather_predictions, load_for_inference, predict_dataset
-from retinanet.runtime import setup_distributed
+from retinanet.engine.evaluation import evaluate
+from retinanet.engine.prediction import gather_predictions, load_for_inference, predict_dataset
+from retinanet.engine.runtime import setup_distributed
 
 if __name__ == "__main__":
     checkpoint, val_csv, classes_csv = sys.argv[1:]

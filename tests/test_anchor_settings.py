@@ -4,7 +4,7 @@ ratios trains, saves them in its checkpoint, resumes with them and is evaluated 
 import csv_eval
 import train
 from conftest import tiny_run_flags
-from retinanet.checkpoint import load_model, read_checkpoint
+from retinanet.engine.checkpoint import load_model, read_checkpoint
 
 SCALES = ("0.5", "0.75", "1", "1.5")
 RATIOS = ("0.25", "0.5", "1", "2", "4")

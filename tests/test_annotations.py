@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import CLASSES, save_image, write
-from retinanet.annotations import read_class_list
+from retinanet.data.annotations import read_class_list
 from retinanet.dataloader import CocoDataset, CSVDataset
-from retinanet.images import read_rgb_image
+from retinanet.data.images import read_rgb_image
 
 
 # ------------------------------------------------------------------------------------------------ CSV format

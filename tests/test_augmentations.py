@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from retinanet.augmentations import AUGMENTATIONS, Augmentation
+from retinanet.data.augmentations import AUGMENTATIONS, Augmentation
 from retinanet.dataloader import DetectionDataset, collate, inside_image, item_seed
-from retinanet.drawing import image_folder_dataset
+from retinanet.engine.drawing import image_folder_dataset
 from retinanet.transforms import MEAN_COLOUR, DetectionTransform, Resize, build_transform
 
 BACKGROUND = (128, 128, 128)  # grey stays grey under every photometric change

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from retinanet.checkpoint import infer_architecture, load_model, read_checkpoint, save_checkpoint
+from retinanet.engine.checkpoint import infer_architecture, load_model, read_checkpoint, save_checkpoint
 from retinanet.model import RetinaNet, resnet18
 from retinanet.settings import ModelSettings
 

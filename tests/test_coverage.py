@@ -13,13 +13,13 @@ from torchvision.ops import box_iou
 import train
 import visualize
 from conftest import save_image, write
-from retinanet.anchor_fit import TARGET_COVERAGE, anchor_flags, fit_anchors, fit_report
+from retinanet.diagnostics.anchor_fit import TARGET_COVERAGE, anchor_flags, fit_anchors, fit_report
 from retinanet.anchors import anchors_of
-from retinanet.check import dataset_boxes
-from retinanet.checkpoint import read_checkpoint
-from retinanet.coverage import anchor_coverage, coverage_report, level_ious, shorter_sides
+from retinanet.diagnostics.check import dataset_boxes
+from retinanet.engine.checkpoint import read_checkpoint
+from retinanet.diagnostics.coverage import anchor_coverage, coverage_report, level_ious, shorter_sides
 from retinanet.dataloader import CSVDataset
-from retinanet.drawing import CAPTION_HEIGHT, COVERED_COLOUR, UNCOVERED_COLOUR
+from retinanet.engine.drawing import CAPTION_HEIGHT, COVERED_COLOUR, UNCOVERED_COLOUR
 from retinanet.settings import ModelSettings
 
 SUMMARY = re.compile(r"^anchor coverage: (\d+\.\d)% of (\d+) boxes have an anchor with IoU >= 0\.5$", re.MULTILINE)

@@ -1,6 +1,6 @@
 """Tests of the evaluation code: VOC-style AP against hand-computed values, per-class precision and recall, the
 mapping of detections back to original pixels, and the COCO results and COCOeval path. No trained model needed:
-retinanet.evaluation, retinanet.coco_evaluation and their scripts import the model code only to load a checkpoint."""
+retinanet.engine.evaluation, retinanet.engine.coco_evaluation and their scripts import the model code only to load a checkpoint."""
 
 import importlib
 import json
@@ -13,9 +13,9 @@ from PIL import Image
 from torch import nn
 
 import csv_eval
-from retinanet import coco_evaluation, evaluation
+from retinanet.engine import coco_evaluation, evaluation
 from retinanet.dataloader import CocoDataset, CSVDataset
-from retinanet.predict import check_class_names, predict_dataset
+from retinanet.engine.prediction import check_class_names, predict_dataset
 from retinanet.transforms import build_transform
 
 
@@ -268,13 +268,13 @@ def test_csv_eval_script_reports_a_missing_file_without_traceback(tmp_path, caps
 
 
 def test_scripts_import_without_the_model_code(monkeypatch):
-    for name in ("retinanet.model", "retinanet.checkpoint"):
+    for name in ("retinanet.model", "retinanet.engine.checkpoint"):
         monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: importing it raises ImportError
-    for name in ("csv_eval", "coco_eval", "retinanet.evaluation", "retinanet.coco_evaluation", "retinanet.predict",
+    for name in ("csv_eval", "coco_eval", "retinanet.engine.evaluation", "retinanet.engine.coco_evaluation", "retinanet.engine.prediction",
                  "retinanet.dataloader"):
         monkeypatch.delitem(sys.modules, name, raising=False)  # import these afresh; restored after the test
-    importlib.import_module("retinanet.evaluation")
-    importlib.import_module("retinanet.coco_evaluation")
+    importlib.import_module("retinanet.engine.evaluation")
+    importlib.import_module("retinanet.engine.coco_evaluation")
     importlib.import_module("csv_eval")
     importlib.import_module("coco_eval")
 

@@ -9,8 +9,8 @@ import torch
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")  # torch.onnx.export(dynamo=True) translates the graph with it
 
-from retinanet.checkpoint import load_model, save_checkpoint  # noqa: E402
-from retinanet.export import NetworkOutputs  # noqa: E402
+from retinanet.engine.checkpoint import load_model, save_checkpoint  # noqa: E402
+from retinanet.engine.export import NetworkOutputs  # noqa: E402
 from retinanet.model import resnet18  # noqa: E402
 from test_interop import load_tool  # noqa: E402
 

@@ -5,7 +5,7 @@ from PIL import Image
 
 from conftest import CLASSES, save_image, write
 from retinanet.dataloader import CSVDataset
-from retinanet.images import read_image_size, read_rgb_image
+from retinanet.data.images import read_image_size, read_rgb_image
 
 
 def test_images_of_every_mode_are_read_as_rgb(tmp_path):

@@ -17,8 +17,8 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import nms
 
 from retinanet.anchors import Anchors
-from retinanet.checkpoint import RENAMED_PREFIXES, load_model, read_checkpoint
-from retinanet.convert import coco_labels, convert_torchvision
+from retinanet.engine.checkpoint import RENAMED_PREFIXES, load_model, read_checkpoint
+from retinanet.engine.interop import coco_labels, convert_torchvision
 from retinanet.model import RetinaNet, resnet18
 from retinanet.settings import ModelSettings
 from retinanet.transforms import normalize

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from retinanet.checkpoint import model_state_dict
+from retinanet.engine.checkpoint import model_state_dict
 from retinanet.model import RetinaNet, WeightsUnavailableError, build_retinanet, resnet18, resnet50
 from retinanet.settings import ModelSettings
 from test_interop import assert_same_detections

@@ -14,12 +14,12 @@ from torchvision.ops import box_iou
 import predict
 import train
 from conftest import save_image
-from retinanet.annotations import read_csv_image_paths
-from retinanet.checkpoint import load_model
-from retinanet.drawing import image_folder_dataset
-from retinanet.images import find_images
-from retinanet.predict import load_for_inference, predict_dataset
-from retinanet.prediction_files import collect_images
+from retinanet.data.annotations import read_csv_image_paths
+from retinanet.engine.checkpoint import load_model
+from retinanet.engine.drawing import image_folder_dataset
+from retinanet.data.images import find_images
+from retinanet.engine.prediction import load_for_inference, predict_dataset
+from retinanet.engine.detection_files import collect_images
 from retinanet.transforms import build_transform
 from small_objects import save_scene, scatter_objects, write_training_set
 from test_tiling import truncated_png

@@ -11,7 +11,7 @@ import csv_eval
 import train
 from conftest import tiny_run_flags
 from retinanet.boxes import decode, encode
-from retinanet.checkpoint import (
+from retinanet.engine.checkpoint import (
     RENAMED_PREFIXES,
     checkpoint_settings,
     load_model,
@@ -19,7 +19,7 @@ from retinanet.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from retinanet.convert import convert_torchvision
+from retinanet.engine.interop import convert_torchvision
 from retinanet.model import resnet18
 from retinanet.settings import BOX_CODINGS
 

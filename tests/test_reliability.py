@@ -14,7 +14,7 @@ from PIL import Image
 
 import train
 from conftest import tiny_run_flags
-from retinanet.checkpoint import read_checkpoint
+from retinanet.engine.checkpoint import read_checkpoint
 from retinanet.losses import RetinaNetLoss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

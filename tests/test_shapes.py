@@ -3,10 +3,10 @@ import json
 import numpy as np
 import torch
 
-from retinanet import shapes
+from retinanet.data import shapes
 from retinanet.dataloader import CocoDataset, CSVDataset
-from retinanet.images import read_rgb_image
-from retinanet.shapes import make_shapes_dataset
+from retinanet.data.images import read_rgb_image
+from retinanet.data.shapes import make_shapes_dataset
 
 
 def test_shapes_dataset_is_deterministic_and_reads_the_same_through_csv_and_coco(tmp_path):

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from torchvision.ops import box_iou
 
-from retinanet import tiling
-from retinanet.predict import predict_dataset
+from retinanet.engine import tiling
+from retinanet.engine.prediction import predict_dataset
 from retinanet.transforms import resize_image
 from small_objects import CLASS_NAMES, BrightBlobDetector, save_scene, scatter_objects
 

@@ -7,12 +7,12 @@ import torch
 
 import train
 from conftest import tiny_run_flags
-from retinanet.checkpoint import read_checkpoint, save_checkpoint
+from retinanet.engine.checkpoint import read_checkpoint, save_checkpoint
 from retinanet.model import build_retinanet
 from retinanet.optimization import ADAMW_LR, build_optimizer, lr_factor
-from retinanet.runtime import resolve_device
+from retinanet.engine.runtime import resolve_device
 from retinanet.settings import ModelSettings
-from retinanet.shapes import make_shapes_dataset
+from retinanet.data.shapes import make_shapes_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,9 +9,9 @@ from PIL import Image
 from torch import nn
 
 import visualize
-from retinanet import drawing
+from retinanet.engine import drawing
 from retinanet.dataloader import AspectRatioBatchSampler, CSVDataset, VOCDataset
-from retinanet.images import read_rgb_image
+from retinanet.data.images import read_rgb_image
 from retinanet.transforms import build_transform
 from test_voc import voc_xml
 

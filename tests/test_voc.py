@@ -10,12 +10,13 @@ from PIL import Image
 import csv_eval
 import train
 import visualize
-from retinanet import evaluation, voc
-from retinanet.check import check_data, check_voc
-from retinanet.checkpoint import read_checkpoint, save_checkpoint
+from retinanet.data import voc
+from retinanet.engine import evaluation
+from retinanet.diagnostics.check import check_data, check_voc
+from retinanet.engine.checkpoint import read_checkpoint, save_checkpoint
 from retinanet.dataloader import VOCDataset
 from retinanet.model import resnet18
-from retinanet.voc import VOC_CLASSES, VOCSet, read_voc_set, run_class_names, training_sets
+from retinanet.data.voc import VOC_CLASSES, VOCSet, read_voc_set, run_class_names, training_sets
 from test_eval import average_precisions
 
 WIDTH, HEIGHT = 64, 48

@@ -13,8 +13,8 @@ import sys
 # Run as a script (python tools/convert_torchvision.py), Python puts tools/ on the path, not the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from retinanet.checkpoint import read_checkpoint, save_checkpoint  # noqa: E402
-from retinanet.convert import COCO_V1_BATCHNORM_EPS, convert_torchvision  # noqa: E402
+from retinanet.engine.checkpoint import read_checkpoint, save_checkpoint  # noqa: E402
+from retinanet.engine.interop import COCO_V1_BATCHNORM_EPS, convert_torchvision  # noqa: E402
 
 
 def main(argv=None) -> int:

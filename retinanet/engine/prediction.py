@@ -16,10 +16,10 @@ from torch.utils.data import DataLoader
 from torchvision.ops import clip_boxes_to_image
 from tqdm import tqdm
 
-from .annotations import read_class_list
-from .dataloader import AspectRatioBatchSampler, DetectionDataset, aspect_ratios, collate
+from ..data.annotations import read_class_list
+from ..dataloader import AspectRatioBatchSampler, DetectionDataset, aspect_ratios, collate
 from .runtime import inference_autocast, resolve_device
-from .transforms import build_transform
+from ..transforms import build_transform
 
 
 def detections_to_host(detections: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:

@@ -18,12 +18,12 @@ import numpy as np
 from tqdm import tqdm
 
 from .anchor_fit import fit_report
-from .annotations import clip_to_image, read_class_list, read_csv_annotations
+from ..data.annotations import clip_to_image, read_class_list, read_csv_annotations
 from .coverage import anchor_coverage, coverage_report
-from .dataloader import CocoDataset, DetectionDataset
-from .images import read_rgb_image
-from .settings import ModelSettings
-from .voc import ParsedVOC, VOCSet, boxes_of_files, read_voc_set, run_class_names
+from ..dataloader import CocoDataset, DetectionDataset
+from ..data.images import read_rgb_image
+from ..settings import ModelSettings
+from ..data.voc import ParsedVOC, VOCSet, boxes_of_files, read_voc_set, run_class_names
 
 
 class Problem(NamedTuple):

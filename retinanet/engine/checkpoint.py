@@ -15,11 +15,11 @@ from typing import NamedTuple
 
 import torch
 
-from .files import write_atomically
-from .losses import EMA_START
-from .model import RESNET_LAYOUTS, RetinaNet, initial_freezing
+from ..data.files import write_atomically
+from ..losses import EMA_START
+from ..model import RESNET_LAYOUTS, RetinaNet, initial_freezing
 from .runtime import random_state, restore_random_state
-from .settings import BOX_CODINGS, YHENON_SETTINGS, ModelSettings
+from ..settings import BOX_CODINGS, YHENON_SETTINGS, ModelSettings
 
 WRAPPER_PREFIX = "module."  # what (Distributed)DataParallel adds to every key of the model it wraps
 # Parameter names of yhenon/pytorch-retinanet, which this project's checkpoints also used before the model was

@@ -31,9 +31,9 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision.ops import batched_nms
 
-from .images import read_image_size, read_rgb_image
-from .predict import predict_dataset
-from .transforms import Resize, resize_image
+from ..data.images import read_image_size, read_rgb_image
+from .prediction import predict_dataset
+from ..transforms import Resize, resize_image
 
 DEFAULT_OVERLAP = 0.25  # every object up to a quarter of a tile across then lies whole in some tile
 SIDE_MARGIN = 2  # pixels of the model's input: a box this close to a side of its tile touches it

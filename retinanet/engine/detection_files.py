@@ -1,5 +1,5 @@
 """Detections out as files: a trained detector (the paper's §4.1 "Inference") run on any number of image files,
-folders and CSV annotation files, whole or tiled (retinanet.tiling), with the detections in each image's own pixels
+folders and CSV annotation files, whole or tiled (retinanet.engine.tiling), with the detections in each image's own pixels
 written to a CSV or a COCO-style JSON file. An image that cannot be read is skipped and said why, not fatal.
 
 Legend for shapes: D detections of an image.
@@ -12,11 +12,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .annotations import read_csv_image_paths
+from ..data.annotations import read_csv_image_paths
 from .checkpoint import load_model
-from .files import write_atomically, write_text_atomically
-from .images import find_images
-from .predict import given_settings
+from ..data.files import write_atomically, write_text_atomically
+from ..data.images import find_images
+from .prediction import given_settings
 from .runtime import resolve_device
 from .tiling import DEFAULT_OVERLAP, ImageWindows, predict_windows
 
@@ -78,7 +78,7 @@ def predict_files(
     tile_overlap: float = DEFAULT_OVERLAP,
 ) -> FilePredictions:
     """Detect with the model of a checkpoint on image files, whole, or cut into tiles of tile_size pixels where they
-    are larger (retinanet.tiling). min_size, max_size and score_threshold replace the checkpoint's settings where
+    are larger (retinanet.engine.tiling). min_size, max_size and score_threshold replace the checkpoint's settings where
     given; `batch_size` counts windows (whole images or tiles). Images that cannot be read are skipped."""
     changes = given_settings(min_size=min_size, max_size=max_size, score_threshold=score_threshold)
     model, class_names = load_model(model_path, resolve_device(device), **changes)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .anchors import anchors_of
+from ..anchors import anchors_of
 from .coverage import anchor_coverage, box_tensors, describe_training_size, level_ious, shorter_sides, training_sizes
-from .settings import ModelSettings
+from ..settings import ModelSettings
 
 # Rounded to 3 decimals, so that the flags printed give exactly the anchors measured
 CANDIDATE_SCALES = tuple(round(2 ** (k / 6), 3) for k in range(-12, 13))  # 1/4 to 4 in sixths of an octave

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .anchors import Anchors, anchors_of
-from .boxes import batched_box_iou
-from .settings import ModelSettings
-from .transforms import Resize
+from ..anchors import Anchors, anchors_of
+from ..boxes import batched_box_iou
+from ..settings import ModelSettings
+from ..transforms import Resize
 
 JITTER_SIZES = 5  # shorter sides measured over a --jitter range, evenly spaced: its draws are uniform
 WARNING_COVERAGE = 0.90  # below this share of covered boxes, the report warns

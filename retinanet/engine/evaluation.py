@@ -24,8 +24,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torchvision.ops import box_iou
 
-from .annotations import clip_to_image
-from .dataloader import DetectionDataset
+from ..data.annotations import clip_to_image
+from ..dataloader import DetectionDataset
 
 # [image][class] -> array: detections (n, 5) x1, y1, x2, y2, score, or annotations (m, 4) x1, y1, x2, y2, or (m, 5)
 # with a fifth column 1 for a difficult box, 0 for any other

@@ -11,8 +11,8 @@ yhenon/pytorch-retinanet's state dicts need no conversion: checkpoint.RENAMED_PR
 import torch
 from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
 
-from .model import RetinaNet
-from .settings import BOX_CODINGS, ModelSettings
+from ..model import RetinaNet
+from ..settings import BOX_CODINGS, ModelSettings
 
 # torchvision's RetinaNet where it differs from the paper's defaults (score threshold 0.05, 1000 candidates per
 # level and NMS 0.5 are the same there).

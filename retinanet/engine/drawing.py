@@ -18,13 +18,13 @@ from torch import nn
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
-from .anchors import anchors_of
-from .coverage import best_anchors
-from .dataloader import DetectionDataset, training_loader
-from .images import read_rgb_image
-from .predict import predict_dataset
-from .settings import ModelSettings
-from .transforms import Transform, build_transform
+from ..anchors import anchors_of
+from ..diagnostics.coverage import best_anchors
+from ..dataloader import DetectionDataset, training_loader
+from ..data.images import read_rgb_image
+from .prediction import predict_dataset
+from ..settings import ModelSettings
+from ..transforms import Transform, build_transform
 
 JPEG_EXTENSIONS = (".jpg", ".jpeg")  # saved as JPEG again; every other format as PNG
 JPEG_QUALITY = 95

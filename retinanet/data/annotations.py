@@ -1,7 +1,7 @@
 """Annotation files, read and checked: the CSV class list and box rows (yhenon/pytorch-retinanet's format) and COCO
 instances files, each problem a ValueError naming the file and the line or entry; and the clipping of boxes to
 their image. These are the ground-truth boxes that paper §4 ("Anchors") assigns anchors to, on COCO (§5) or a
-user's own data; the datasets (retinanet.dataloader) and the data check (retinanet.check) share them.
+user's own data; the datasets (retinanet.dataloader) and the data check (retinanet.diagnostics.check) share them.
 
 Legend for shapes: N boxes.
 """

@@ -15,7 +15,7 @@ import json
 import torch
 from torch import nn
 
-from .model import RetinaNet
+from ..model import RetinaNet
 
 INPUT_NAMES = ["images"]  # (B, 3, H, W) float32 RGB in 0..1; the graph normalises it (network_outputs)
 OUTPUT_NAMES = ["cls_logits", "box_deltas"]  # (B, R, K) logits before the sigmoid, (B, R, 4) deltas before decoding
