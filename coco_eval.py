@@ -8,10 +8,13 @@ and scored by pycocotools' COCOeval.
 import argparse
 import sys
 
-from retinanet.engine.flags import add_inference_arguments, inference_options, run_script
+from retinanet.data.datasets import CocoDataset
+from retinanet.engine.batch_inference import check_class_names, predict_dataset
 from retinanet.engine.coco_evaluation import evaluate_coco
-from retinanet.dataloader import CocoDataset
-from retinanet.engine.prediction import predict_with_checkpoint
+from retinanet.engine.flags import given, inference_flags, run_script
+from retinanet.engine.models import load_model
+from retinanet.engine.runtime import resolve_device
+from retinanet.transforms import build_transform
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -19,13 +22,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--coco_path", required=True, metavar="PATH", help="COCO root holding annotations/instances_{set}.json and images/{set}/ or {set}/")
     parser.add_argument("--set_name", default="val2017", help="which set to evaluate on (default val2017)")
     parser.add_argument("--output_dir", default=".", metavar="DIR", help="where {set_name}_bbox_results.json is written (default: here)")
-    add_inference_arguments(parser)
+    for name, options in inference_flags():
+        parser.add_argument(name, **options)
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> None:
-    dataset = CocoDataset(args.coco_path, args.set_name)  # check the annotations before loading the model
-    predictions = predict_with_checkpoint(args.model, dataset, f"COCO {args.set_name}", **inference_options(args))
+    device = resolve_device(args.device)
+    model, class_names = load_model(args.model, device, **given(min_size=args.min_size, max_size=args.max_size))
+    transform = build_transform(False, model.settings.min_size, model.settings.max_size)
+    dataset = CocoDataset(args.coco_path, args.set_name, transform)
+    check_class_names(class_names, dataset.class_names)
+    print(f"detecting with {args.model} on {len(dataset)} images of COCO {args.set_name} ({dataset.num_classes} "
+          f"classes) on {device}")
+    predictions = predict_dataset(model, dataset, batch_size=args.batch_size, workers=args.workers)
     stats = evaluate_coco(predictions, dataset, output_dir=args.output_dir, set_name=args.set_name)
     print(f"AP@[.5:.95] {stats[0]:.4f}, AP50 {stats[1]:.4f}, AP75 {stats[2]:.4f}")
 

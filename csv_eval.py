@@ -9,16 +9,20 @@ and recall at a score threshold, and one precision-recall curve per class.
 On VOC data, difficult objects are neither hits nor misses, and VOC2007's test set is scored with the 11-point AP
 of its development kit (--no_voc07 for the all-point AP).
 
-How detections are matched and AP computed: retinanet/evaluation.py.
+How detections are matched and AP computed: retinanet/engine/evaluation.py.
 """
 
 import argparse
 import sys
 
-from retinanet.engine.flags import add_inference_arguments, inference_options, run_script
-from retinanet.dataloader import CSVDataset, DetectionDataset, VOCDataset
+from retinanet.data.annotations import read_class_list
+from retinanet.data.datasets import CSVDataset, VOCDataset
+from retinanet.engine.batch_inference import check_class_names, predict_dataset
 from retinanet.engine.evaluation import evaluate
-from retinanet.engine.prediction import class_names_to_read, predict_with_checkpoint
+from retinanet.engine.flags import given, inference_flags, run_script
+from retinanet.engine.models import load_model
+from retinanet.engine.runtime import resolve_device
+from retinanet.transforms import build_transform
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--voc07", action="store_const", const=True, default=None, help="11-point AP of VOC2007 instead of the all-point AP of VOC2010+ (the default on VOC2007's test set)")
     parser.add_argument("--no_voc07", dest="voc07", action="store_false", default=None, help="the all-point AP on VOC2007's test set too")
     parser.add_argument("--pr_curves", metavar="DIR", help="save one precision-recall plot (PNG) per class into DIR")
-    add_inference_arguments(parser)
+    for name, options in inference_flags():
+        parser.add_argument(name, **options)
     args = parser.parse_args(argv)
     if (args.csv_annotations is None) == (args.voc_path is None):
         parser.error("give either --csv_annotations CSV (with --csv_classes CSV) or --voc_path ROOT")
@@ -41,26 +46,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_dataset(args: argparse.Namespace, checkpoint: dict | None) -> DetectionDataset:
-    """The dataset to evaluate on, read (and so checked) before the model is built; VOC classes are those of the
-    model's `checkpoint` unless --csv_classes says otherwise."""
-    if args.csv_annotations:
-        return CSVDataset(args.csv_annotations, args.csv_classes)
-    return VOCDataset(args.voc_path, args.set_name, class_names_to_read(args.csv_classes, checkpoint))
-
-
 def run(args: argparse.Namespace) -> None:
-    from retinanet.engine.checkpoint import read_checkpoint  # the model code only here: the metrics need none
-
-    # The checkpoint is read once (classes, model): before a VOC set, which takes its classes; after a CSV set,
-    # checked first.
-    checkpoint = read_checkpoint(args.model) if args.voc_path else None
-    dataset = build_dataset(args, checkpoint)
-    if checkpoint is None:
-        checkpoint = read_checkpoint(args.model)
-    source = args.csv_annotations or f"VOC set {args.set_name} of {', '.join(args.voc_path)}"
-    predictions = predict_with_checkpoint(args.model, dataset, source, checkpoint=checkpoint,
-                                          **inference_options(args))
+    device = resolve_device(args.device)
+    model, class_names = load_model(args.model, device, **given(min_size=args.min_size, max_size=args.max_size))
+    transform = build_transform(False, model.settings.min_size, model.settings.max_size)
+    if args.csv_annotations:
+        dataset = CSVDataset(args.csv_annotations, args.csv_classes, transform)
+        source = args.csv_annotations
+    else:  # VOC's classes are the model's unless --csv_classes says otherwise
+        voc_classes = read_class_list(args.csv_classes) if args.csv_classes else class_names
+        dataset = VOCDataset(args.voc_path, args.set_name, voc_classes, transform)
+        source = f"VOC set {args.set_name} of {', '.join(args.voc_path)}"
+    check_class_names(class_names, dataset.class_names)
+    print(f"detecting with {args.model} on {len(dataset)} images of {source} ({dataset.num_classes} classes) on "
+          f"{device}")
+    predictions = predict_dataset(model, dataset, batch_size=args.batch_size, workers=args.workers)
     evaluate(predictions, dataset, iou_threshold=args.iou_threshold, score_threshold=args.score_threshold,
              use_07_metric=args.voc07, pr_curves_dir=args.pr_curves)
     if args.pr_curves is None:

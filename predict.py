@@ -8,7 +8,7 @@ annotation files, and write the detections, in each image's own pixels, to a CSV
 CSV rows are `path,x1,y1,x2,y2,class_name,score`, one `path,,,,,,` for an image without detections; JSON holds
 {"file_name", "bbox": [x, y, width, height], "category_name", "score"} entries. With --tile SIZE, images larger
 than SIZE x SIZE pixels are cut into overlapping tiles, each resized by min_size / SIZE (a tile of the model's
-min_size is seen at scale 1), and the tiles' detections merged (retinanet/tiling.py).
+min_size is seen at scale 1), and the tiles' detections merged (retinanet/engine/tiling.py).
 
 Exit status: 0 when every image was read; 1 when some could not be (each is named at the end, and the output holds
 the others); 2 on a user error (a bad flag, checkpoint or CSV file), with one message.
@@ -18,11 +18,13 @@ import argparse
 import os
 import sys
 
-from retinanet.engine.flags import add_inference_arguments, inference_options, run_script
+from retinanet.engine.detection_files import collect_images, output_format, predict_images, write_detections
 from retinanet.engine.drawing import DRAW_THRESHOLD, draw_predictions
-from retinanet.engine.detection_files import collect_images, output_format, predict_files, write_detections
-from retinanet.engine.runtime import default_workers
+from retinanet.engine.flags import given, inference_flags, run_script
+from retinanet.engine.models import load_model
+from retinanet.engine.runtime import default_workers, resolve_device
 from retinanet.engine.tiling import DEFAULT_OVERLAP
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -33,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tile_overlap", type=float, metavar="FRACTION", help=f"with --tile: how much neighbouring tiles overlap at least, a fraction of a tile (default {DEFAULT_OVERLAP})")
     parser.add_argument("--draw", metavar="DIR", help="also save each image with its detections drawn on it into DIR")
     parser.add_argument("--draw_threshold", type=float, help=f"with --draw: draw the detections with at least this score (default {DRAW_THRESHOLD})")
-    add_inference_arguments(parser, workers=default_workers())
+    for name, options in inference_flags(workers=default_workers()):
+        parser.add_argument(name, **options)
     args = parser.parse_args(argv)
     for flag, needed in (("tile_overlap", "tile"), ("draw_threshold", "draw")):
         if getattr(args, flag) is not None and getattr(args, needed) is None:
@@ -48,9 +51,10 @@ def run(args: argparse.Namespace) -> int:
     """Predict, write the detections (and drawings), and name the images that could not be read."""
     output_format(args.output)  # a wrong extension stops the run before the model is loaded
     image_paths = collect_images(args.inputs)
-    found = predict_files(args.model, image_paths, **inference_options(args), score_threshold=args.score_threshold,
-                          tile_size=args.tile,
-                          tile_overlap=DEFAULT_OVERLAP if args.tile_overlap is None else args.tile_overlap)
+    changes = given(min_size=args.min_size, max_size=args.max_size, score_threshold=args.score_threshold)
+    model, class_names = load_model(args.model, resolve_device(args.device), **changes)
+    found = predict_images(model, class_names, image_paths, args.batch_size, args.workers, args.tile,
+                           DEFAULT_OVERLAP if args.tile_overlap is None else args.tile_overlap)
     count = write_detections(args.output, found)
     print(f"wrote {count} detections in {len(found.image_paths)} images to {os.path.abspath(args.output)}")
     if args.draw:

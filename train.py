@@ -24,43 +24,45 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from retinanet.data.augmentations import AUGMENTATIONS
+from retinanet.data.augmentations import AUGMENTATIONS, Augmentation
+from retinanet.data.datasets import CocoDataset, CSVDataset, VOCDataset
+from retinanet.data.shapes import make_shapes_demo
+from retinanet.data.voc import VOCSet, read_voc_set, run_class_names, training_sets
+from retinanet.dataloader import DetectionDataset, training_loader
 from retinanet.diagnostics.check import check_anchors, check_data
-from retinanet.engine.checkpoint import checkpoint_settings, model_from_checkpoint, read_checkpoint, resumed_settings
-from retinanet.engine.checkpoint import restore_training_state, save_checkpoint, training_state
-from retinanet.engine.flags import add_anchor_arguments, require_dataset_flags, run_script, typed_settings
+from retinanet.engine.batch_inference import gather_predictions, predict_dataset
+from retinanet.engine.checkpoint import (checkpoint_settings, read_checkpoint, restore_training_state, resumed_settings,
+                                         save_checkpoint, training_state)
 from retinanet.engine.coco_evaluation import evaluate_coco
-from retinanet.dataloader import CocoDataset, CSVDataset, VOCDataset, training_loader
 from retinanet.engine.drawing import visualize_dataset
 from retinanet.engine.evaluation import evaluate
-from retinanet.model import RetinaNet, WeightsUnavailableError, initial_freezing, pretrained_retinanet
+from retinanet.engine.flags import ANCHOR_FLAGS, given, run_script
+from retinanet.engine.models import WeightsUnavailableError, build_model, load_model
+from retinanet.engine.runtime import (StopRequest, default_workers, mixed_precision_dtype, setup_distributed,
+                                      stop_on_signals)
+from retinanet.model import RetinaNet
 from retinanet.optimization import build_optimizer, default_lr, lr_factor
-from retinanet.engine.prediction import gather_predictions, predict_dataset
-from retinanet.engine.runtime import StopRequest, default_workers, mixed_precision_dtype, setup_distributed, stop_on_signals
-from retinanet.settings import BOX_CODINGS, RESNET_DEPTHS, ModelSettings
-from retinanet.data.shapes import make_shapes_demo
+from retinanet.settings import BOX_CODINGS, BOX_LOSSES, LOSS_NORMALIZERS, RESNET_BLOCKS, ModelSettings, initial_freezing
 from retinanet.training import TrainStep
 from retinanet.transforms import build_transform
-from retinanet.data.voc import VOCSet, read_voc_set, run_class_names, training_sets
 
-# Per-dataset defaults of the flags left unset. The demo trains a small network from scratch on small images, with
-# AdamW and yhenon's box coding: on 800 images for 6 epochs it reached mAP@0.5 0.555 with it, 0.350 with the raw
-# deltas of Detectron (the default). COCO follows the paper (ResNet-50, SGD, 800 px, 90k iterations at 16 images).
-# VOC trains about as long as detectron2's VOC recipe: 18k iterations of 16 images over VOC2007 + 2012 trainval's
-# 16,551 images are 17.4 epochs.
+# Per-dataset defaults of the flags left unset (the model settings' own defaults, the paper's, for the others). The
+# demo trains a small network from scratch on small images, with AdamW and yhenon's box coding (README, "The demo").
+# COCO follows the paper (ResNet-50, SGD, 90k iterations at 16 images). VOC trains about as long as detectron2's VOC
+# recipe: 18k iterations of 16 images over VOC2007 + 2012 trainval's 16,551 images are 17.4 epochs.
 DEFAULTS = {
     "shapes": dict(depth=18, optimizer="adamw", batch_size=8, min_size=160, max_size=160, epochs=6,
                    warmup_iters=200, pretrained=False, box_coding="yhenon"),
-    "csv": dict(depth=50, optimizer="sgd", batch_size=8, min_size=800, max_size=1333, epochs=20,
-                warmup_iters=500, pretrained=True),
-    "coco": dict(depth=50, optimizer="sgd", batch_size=16, min_size=800, max_size=1333, iters=90_000,
-                 warmup_iters=500, pretrained=True, train_set="train2017", val_set="val2017"),
-    "voc": dict(depth=50, optimizer="sgd", batch_size=8, min_size=800, max_size=1333, epochs=18,
-                warmup_iters=500, pretrained=True, train_set="trainval", val_set="test"),
+    "csv": dict(depth=50, optimizer="sgd", batch_size=8, epochs=20, warmup_iters=500, pretrained=True),
+    "coco": dict(depth=50, optimizer="sgd", batch_size=16, iters=90_000, warmup_iters=500, pretrained=True,
+                 train_set="train2017", val_set="val2017"),
+    "voc": dict(depth=50, optimizer="sgd", batch_size=8, epochs=18, warmup_iters=500, pretrained=True,
+                train_set="trainval", val_set="test"),
 }
 # The flags that are model settings (settings.py) under the same name; --box_coding and --pretrained set others.
 SETTINGS_FLAGS = ("depth", "min_size", "max_size", "freeze_at", "box_loss", "loss_normalizer",
                   "anchor_sizes", "anchor_scales", "anchor_ratios")
+DATASET_FLAGS = {"csv": ("csv_train", "csv_classes"), "coco": ("coco_path",), "voc": ("voc_path",)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -70,8 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_optimization_arguments(parser.add_argument_group("optimization"))
     add_run_arguments(parser.add_argument_group("run"))
     args = parser.parse_args(argv)
-    require_dataset_flags(parser, args, {"csv": ("csv_train", "csv_classes"), "coco": ("coco_path",),
-                                         "voc": ("voc_path",)})
+    needed = DATASET_FLAGS.get(args.dataset, ())
+    if not all(getattr(args, flag) for flag in needed):
+        parser.error(f"--dataset {args.dataset} needs " + " and ".join(f"--{flag}" for flag in needed))
     if args.resume and args.fine_tune:
         parser.error("--resume and --fine_tune exclude each other: resume continues a run, fine_tune starts a new one")
     if args.jitter and args.jitter[0] > args.jitter[1]:
@@ -98,16 +101,17 @@ def add_data_arguments(data) -> None:
 
 
 def add_model_arguments(model) -> None:
-    model.add_argument("--depth", type=int, choices=RESNET_DEPTHS, help="ResNet depth")
+    model.add_argument("--depth", type=int, choices=tuple(RESNET_BLOCKS), help="ResNet depth")
     model.add_argument("--min_size", type=int, help="shorter image side after resizing (paper: 800)")
     model.add_argument("--max_size", type=int, help="longest image side after resizing (default 1333)")
     model.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="PATH", help="start from ImageNet weights (torchvision's, or a local file)")
     model.add_argument("--no_pretrained", dest="pretrained", action="store_false", help="train the backbone from scratch (BatchNorm stays trainable)")
     model.add_argument("--freeze_at", type=int, choices=range(6), metavar="{0..5}", help="freeze the stem (1) and the first residual stages (2..5) (default: 2 with pretrained weights or --fine_tune, as detectron2; 0 from scratch)")
     model.add_argument("--box_coding", choices=tuple(BOX_CODINGS), help="box deltas' std and smooth L1 beta: detectron (default, the authors' code: 1, 0.11), detectron2, torchvision, yhenon (0.1/0.2, 1/9)")
-    model.add_argument("--box_loss", choices=("smooth_l1", "giou"), help="box regression loss (paper: smooth L1)")
-    model.add_argument("--loss_normalizer", choices=("batch", "ema"), help="divide losses by this batch's foreground count (paper) or its moving average")
-    add_anchor_arguments(model)
+    model.add_argument("--box_loss", choices=BOX_LOSSES, help="box regression loss (paper: smooth L1)")
+    model.add_argument("--loss_normalizer", choices=LOSS_NORMALIZERS, help="divide losses by this batch's foreground count (paper) or its moving average")
+    for name, options in ANCHOR_FLAGS:
+        model.add_argument(name, **options)
 
 
 def add_optimization_arguments(optim) -> None:
@@ -158,53 +162,63 @@ def settle(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
 def flag_settings(flags: argparse.Namespace) -> dict:
     """The model settings that flags set: in parsed args, those the user typed; in a settled config, those and the
     dataset's defaults."""
-    found = typed_settings(flags, SETTINGS_FLAGS)
+    typed = given(**{name: getattr(flags, name) for name in SETTINGS_FLAGS})
+    found = {name: tuple(value) if isinstance(value, list) else value for name, value in typed.items()}  # nargs
     if flags.box_coding is not None:
         found["box_coder_std"], found["smooth_l1_beta"] = BOX_CODINGS[flags.box_coding]
     return found
 
 
-def settle_recipe(args: argparse.Namespace, config: argparse.Namespace, checkpoint: dict | None) -> dict:
-    """The model's settings but for its class count. On --resume, the checkpoint's (build_model refuses a typed
-    flag that contradicts them); on --fine_tune, the checkpoint's with the typed flags, frozen as with ImageNet
-    weights unless --freeze_at says otherwise; for a new run, the paper's with the dataset's depth and image size
-    and the typed flags. Weights that start trained get frozen BatchNorm and a frozen stem and first stage."""
+def model_settings(args: argparse.Namespace, config: argparse.Namespace, checkpoint: dict | None,
+                   num_classes: int) -> ModelSettings:
+    """The settings of the model to train. On --resume, the checkpoint's (a typed flag that contradicts them is
+    refused); on --fine_tune, the checkpoint's with the typed flags, frozen as with ImageNet weights unless
+    --freeze_at says otherwise; for a new run, the paper's with the dataset's defaults and the typed flags. Weights
+    that start trained get frozen BatchNorm and a frozen stem and first stage (settings.initial_freezing)."""
     if args.resume:
-        return checkpoint_settings(checkpoint).as_dict()
+        return resumed_settings(checkpoint, args.resume, flag_settings(args), num_classes)
     if args.fine_tune:
-        return checkpoint_settings(checkpoint).as_dict() | initial_freezing(True) | flag_settings(args)
-    return initial_freezing(config.pretrained is not False) | flag_settings(config)
+        chosen = checkpoint_settings(checkpoint).as_dict() | initial_freezing(True) | flag_settings(args)
+    else:
+        chosen = initial_freezing(config.pretrained is not False) | flag_settings(config)
+    return ModelSettings(**chosen | {"num_classes": num_classes})
 
 
-def build_model(args: argparse.Namespace, config: argparse.Namespace, checkpoint: dict | None,
-                settings: ModelSettings) -> RetinaNet:
-    """The model to train: the checkpoint's rebuilt exactly (--resume), the checkpoint's weights with a new
-    classification output if the classes differ (--fine_tune), or a new one (from ImageNet weights or scratch)."""
-    if args.resume:
-        return RetinaNet(resumed_settings(checkpoint, args.resume, flag_settings(args), settings.num_classes))
+def model_to_train(args: argparse.Namespace, config: argparse.Namespace, checkpoint: dict | None,
+                   settings: ModelSettings) -> RetinaNet:
+    """The checkpoint's model rebuilt exactly (--resume; restore_training_state loads its weights), the checkpoint's
+    weights with a new classification output if the classes differ (--fine_tune), or a new model, its backbone from
+    ImageNet weights or from scratch."""
     if args.fine_tune:
-        return model_from_checkpoint(checkpoint, **settings.as_dict())
-    return pretrained_retinanet(settings, config.pretrained)
+        return load_model(checkpoint, **settings.as_dict()).model
+    return build_model(settings, False if args.resume else config.pretrained)
 
 
-def build_datasets(config: argparse.Namespace, size: tuple[int, int], rank: int, world_size: int):
-    """Training and validation datasets (validation may be None). The shapes demo data is generated by rank 0
-    while the other ranks wait, then read by all through the same CSV loader a user's data goes through."""
-    train_transform = build_transform(True, *size, tuple(config.jitter) if config.jitter else None, config.augment)
-    val_transform = build_transform(False, *size)
+def build_datasets(config: argparse.Namespace, rank: int, world_size: int):
+    """Training and validation datasets (validation may be None), their annotations read and checked; their images
+    are resized once the model's size is known (set_transforms). The shapes demo data is generated by rank 0 while
+    the other ranks wait, then read by all through the same CSV loader a user's data goes through."""
     if config.dataset == "coco":
-        return (CocoDataset(config.coco_path, config.train_set, train_transform),
-                CocoDataset(config.coco_path, config.val_set, val_transform))
+        return CocoDataset(config.coco_path, config.train_set), CocoDataset(config.coco_path, config.val_set)
     if config.dataset == "voc":
         train_voc, val_voc = voc_sets(config)
         parsed = {voc_set: read_voc_set(voc_set) for voc_set in (train_voc, val_voc) if voc_set is not None}
         class_names = run_class_names(config.csv_classes, parsed.values())
-        return (VOCDataset(*train_voc, class_names, train_transform, parsed[train_voc]),
-                VOCDataset(*val_voc, class_names, val_transform, parsed[val_voc]) if val_voc else None)
+        return (VOCDataset(*train_voc, class_names, parsed=parsed[train_voc]),
+                VOCDataset(*val_voc, class_names, parsed=parsed[val_voc]) if val_voc else None)
     csv_train, csv_classes, csv_val = csv_files(config, rank, world_size)
-    train_set = CSVDataset(csv_train, csv_classes, train_transform)
-    val_set = CSVDataset(csv_val, csv_classes, val_transform) if csv_val else None
-    return train_set, val_set
+    return CSVDataset(csv_train, csv_classes), CSVDataset(csv_val, csv_classes) if csv_val else None
+
+
+def set_transforms(config: argparse.Namespace, settings: ModelSettings, train_set: DetectionDataset,
+                   val_set: DetectionDataset | None) -> None:
+    """Training images resized to the model's size (or the jitter range), flipped and augmented; validation images
+    resized to the model's size."""
+    jitter = tuple(config.jitter) if config.jitter else None
+    augmentation = Augmentation(config.augment) if config.augment else None
+    train_set.transform = build_transform(True, settings.min_size, settings.max_size, jitter, augmentation)
+    if val_set is not None:
+        val_set.transform = build_transform(False, settings.min_size, settings.max_size)
 
 
 def voc_sets(config: argparse.Namespace) -> tuple[VOCSet, VOCSet | None]:
@@ -277,7 +291,7 @@ class Trainer:
         """Continue the run of `checkpoint`, whose model this trainer's model was rebuilt from."""
         restore_training_state(checkpoint, path, self.model, self.optimizer, self.scheduler, self.scaler)
         self.iteration, self.best_map = checkpoint["iteration"], checkpoint["best_map"]
-        self.skipped_batches = checkpoint.get("skipped_batches", 0)
+        self.skipped_batches = checkpoint["skipped_batches"]
         self.log(f"resumed from {path} at iteration {self.iteration}, lr {self.lr():.3g}")
 
     def lr(self) -> float:
@@ -385,13 +399,13 @@ def main(argv=None) -> int:
         return 1
     torch.manual_seed(config.seed + rank)
     checkpoint = read_checkpoint(args.resume or args.fine_tune) if args.resume or args.fine_tune else None
-    recipe = settle_recipe(args, config, checkpoint)
-    train_set, val_set = build_datasets(config, (recipe["min_size"], recipe["max_size"]), rank, world_size)
-    settings = ModelSettings(**recipe | {"num_classes": train_set.num_classes})
+    train_set, val_set = build_datasets(config, rank, world_size)
+    settings = model_settings(args, config, checkpoint, train_set.num_classes)
     if args.check_data or args.fit_anchors:  # the anchors' coverage of the training boxes, at the training size
         check_anchors(train_set, settings, tuple(config.jitter) if config.jitter else None, args.fit_anchors)
         return 0
-    model = build_model(args, config, checkpoint, settings)
+    set_transforms(config, settings, train_set, val_set)
+    model = model_to_train(args, config, checkpoint, settings)
     if world_size > 1 and device.type == "cuda" and not model.settings.freeze_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm statistics over the whole batch
     trainer = Trainer(config, model, train_set, val_set, device, rank, world_size)

@@ -25,21 +25,25 @@ import argparse
 import os
 import sys
 
-from retinanet.data.augmentations import AUGMENTATIONS
-from retinanet.engine.checkpoint import checkpoint_settings, read_checkpoint
-from retinanet.engine.flags import add_anchor_arguments, add_inference_arguments, require_dataset_flags, run_script
-from retinanet.engine.flags import typed_settings
-from retinanet.dataloader import CocoDataset, CSVDataset, DetectionDataset, VOCDataset
-from retinanet.engine.drawing import DRAW_THRESHOLD, draw_training_samples, image_folder_dataset, show_images
-from retinanet.engine.drawing import visualize_anchors, visualize_dataset
+from retinanet.data.annotations import read_class_list
+from retinanet.data.augmentations import AUGMENTATIONS, Augmentation
+from retinanet.data.datasets import CocoDataset, CSVDataset, VOCDataset
 from retinanet.data.images import find_images
-from retinanet.engine.prediction import class_names_to_read, load_for_inference
+from retinanet.dataloader import DetectionDataset
+from retinanet.engine.batch_inference import check_class_names
+from retinanet.engine.checkpoint import checkpoint_settings, read_checkpoint
+from retinanet.engine.drawing import (DRAW_THRESHOLD, draw_training_samples, show_images, visualize_anchors,
+                                      visualize_dataset, visualize_images)
+from retinanet.engine.flags import ANCHOR_FLAGS, given, inference_flags, run_script
+from retinanet.engine.models import load_model
+from retinanet.engine.runtime import resolve_device
 from retinanet.settings import ModelSettings
-from retinanet.transforms import MAX_SIZE, MIN_SIZE, build_transform
+from retinanet.transforms import Transform, build_transform
 
 # The set drawn when --set_name is not given: detections on the validation set, --augmented on the training set.
 DEFAULT_SETS = {"coco": ("val2017", "train2017"), "voc": ("test", "trainval")}
-ANCHOR_FLAGS = ("min_size", "max_size", "anchor_sizes", "anchor_scales", "anchor_ratios")  # model settings, by name
+ANCHOR_SETTINGS = ("min_size", "max_size", "anchor_sizes", "anchor_scales", "anchor_ratios")  # model settings, by name
+DATASET_FLAGS = {"csv": ("csv_annotations", "csv_classes"), "coco": ("coco_path",), "voc": ("voc_path",)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,8 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, metavar="N", help="draw only the first N images (default: all)")
     parser.add_argument("--show", action="store_true", help="also open the drawn images in matplotlib windows (needs a display)")
     parser.add_argument("--anchors", action="store_true", help="draw each ground-truth box with its best anchor instead (green: IoU >= 0.5, red: below), at the training image size; needs --dataset; with --model, its anchors and image size")
-    add_anchor_arguments(parser)
-    add_inference_arguments(parser, model_required=False)
+    for name, options in [*ANCHOR_FLAGS, *inference_flags(model_required=False)]:
+        parser.add_argument(name, **options)
     args = parser.parse_args(argv)
     if (args.images is None) == (args.dataset is None):
         parser.error("give either --images PATH_OR_FOLDER or --dataset csv|coco|voc")
@@ -73,8 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      "--anchors to draw what the anchors cover")
     if (args.anchors or args.augmented is not None) and args.dataset is None:
         parser.error("--anchors and --augmented draw a dataset's boxes: give --dataset csv|coco|voc")
-    require_dataset_flags(parser, args, {"csv": ("csv_annotations", "csv_classes"), "coco": ("coco_path",),
-                                         "voc": ("voc_path",)})
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be at least 1, got {args.limit}")
+    needed = DATASET_FLAGS.get(args.dataset, ())
+    if not all(getattr(args, flag) for flag in needed):
+        parser.error(f"--dataset {args.dataset} needs " + " and ".join(f"--{flag}" for flag in needed))
     return args
 
 
@@ -83,39 +90,48 @@ def chosen_set(args: argparse.Namespace) -> str:
     return args.set_name or DEFAULT_SETS[args.dataset][args.augmented is not None]
 
 
-def build_dataset(args: argparse.Namespace, checkpoint: dict | None) -> DetectionDataset:
-    """The images to draw on, checked before the model is built; plain images get the model's classes later, a
-    VOC set those of the model's `checkpoint` (None without --model) unless --csv_classes says otherwise."""
-    if args.images is not None:
-        return image_folder_dataset(find_images(args.images), class_names=[])
+def build_dataset(args: argparse.Namespace, class_names: list[str] | None,
+                  transform: Transform | None = None) -> DetectionDataset:
+    """The annotated set to draw on; a VOC set takes `class_names` (the model's, or None: those it finds) unless
+    --csv_classes says otherwise."""
     if args.dataset == "csv":
-        return CSVDataset(args.csv_annotations, args.csv_classes)
+        return CSVDataset(args.csv_annotations, args.csv_classes, transform)
     if args.dataset == "coco":
-        return CocoDataset(args.coco_path, chosen_set(args))
-    return VOCDataset(args.voc_path, chosen_set(args), class_names_to_read(args.csv_classes, checkpoint))
+        return CocoDataset(args.coco_path, chosen_set(args), transform)
+    voc_classes = read_class_list(args.csv_classes) if args.csv_classes else class_names
+    return VOCDataset(args.voc_path, chosen_set(args), voc_classes, transform)
 
 
-def draw_detections(args: argparse.Namespace, dataset: DetectionDataset, checkpoint: dict) -> list[str]:
-    """Build the model of `checkpoint` and draw its detections on the dataset's images; returns the paths written."""
-    model, _, device = load_for_inference(args.model, dataset, args.device, args.min_size, args.max_size, checkpoint)
-    source = args.images or args.csv_annotations or f"{args.dataset.upper()} set {chosen_set(args)}"
+def draw_detections(args: argparse.Namespace) -> list[str]:
+    """Load the model and draw its detections on the images or the dataset; returns the paths written."""
+    device = resolve_device(args.device)
+    model, class_names = load_model(args.model, device, **given(min_size=args.min_size, max_size=args.max_size))
+    options = dict(score_threshold=args.score_threshold, batch_size=args.batch_size, workers=args.workers)
+    if args.images is not None:
+        image_paths = find_images(args.images)[: args.limit]
+        print(f"drawing the detections of {args.model} with score >= {args.score_threshold:g} on "
+              f"{len(image_paths)} images of {args.images} on {device}")
+        return visualize_images(model, class_names, image_paths, args.output, **options)
+    dataset = build_dataset(args, class_names, build_transform(False, model.settings.min_size,
+                                                               model.settings.max_size))
+    check_class_names(class_names, dataset.class_names)
     count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
+    source = args.csv_annotations or f"{args.dataset.upper()} set {chosen_set(args)}"
     print(f"drawing the detections of {args.model} with score >= {args.score_threshold:g} on {count} images of "
           f"{source} on {device}")
-    return visualize_dataset(model, dataset, args.output, score_threshold=args.score_threshold,
-                             limit=args.limit, batch_size=args.batch_size, workers=args.workers)
+    return visualize_dataset(model, dataset, args.output, limit=args.limit, **options)
 
 
-def anchor_settings(args: argparse.Namespace, num_classes: int, checkpoint: dict | None) -> ModelSettings:
-    """The anchors and image size to draw with: the model's (its `checkpoint`, with --model) or the paper's, and
-    the flags typed."""
-    settings = checkpoint_settings(checkpoint) if checkpoint is not None else ModelSettings(num_classes)
-    return settings.replace(**typed_settings(args, ANCHOR_FLAGS))
+def anchor_settings(args: argparse.Namespace, num_classes: int) -> ModelSettings:
+    """The anchors and image size to draw with: the model's (with --model) or the paper's, and the flags typed."""
+    settings = checkpoint_settings(read_checkpoint(args.model)) if args.model else ModelSettings(num_classes)
+    return settings.replace(**given(**{name: getattr(args, name) for name in ANCHOR_SETTINGS}))
 
 
-def draw_anchors(args: argparse.Namespace, dataset: DetectionDataset, checkpoint: dict | None) -> list[str]:
+def draw_anchors(args: argparse.Namespace) -> list[str]:
     """Draw each ground-truth box of the dataset with its best anchor; returns the paths written."""
-    settings = anchor_settings(args, max(1, dataset.num_classes), checkpoint)
+    dataset = build_dataset(args, None)
+    settings = anchor_settings(args, max(1, dataset.num_classes))
     count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     print(f"drawing the best anchor of each box on {count} images of {args.csv_annotations or chosen_set(args)}, "
           f"resized to a shorter side of {settings.min_size} (longer side at most {settings.max_size}), with "
@@ -123,12 +139,13 @@ def draw_anchors(args: argparse.Namespace, dataset: DetectionDataset, checkpoint
     return visualize_anchors(dataset, settings, args.output, args.limit)
 
 
-def draw_augmented(args: argparse.Namespace, dataset: DetectionDataset) -> list[str]:
+def draw_augmented(args: argparse.Namespace) -> list[str]:
     """Draw the first --augmented training samples of the dataset as train.py's loop receives them; returns the
     paths written."""
+    paper = ModelSettings(num_classes=1)  # the image size when --min_size and --max_size are not typed
+    size = (args.min_size or paper.min_size, args.max_size or paper.max_size)
     jitter = tuple(args.jitter) if args.jitter else None
-    size = (args.min_size or MIN_SIZE, args.max_size or MAX_SIZE)
-    dataset.transform = build_transform(True, *size, jitter, args.augment)
+    dataset = build_dataset(args, None, build_transform(True, *size, jitter, Augmentation(args.augment)))
     print(f"drawing the first {args.augmented} training samples of a run with seed {args.seed} and batches of "
           f"{args.batch_size}, augmented with {', '.join(args.augment) or 'flips only'}")
     return draw_training_samples(dataset, args.augmented, args.output, args.batch_size, args.seed, args.workers)
@@ -136,18 +153,12 @@ def draw_augmented(args: argparse.Namespace, dataset: DetectionDataset) -> list[
 
 def run(args: argparse.Namespace) -> None:
     """Load the images (and the model), draw, save, and say where the drawings went."""
-    # The checkpoint is read once (classes, anchors, model): before a VOC set, which takes its classes; after
-    # other data, checked first.
-    checkpoint = read_checkpoint(args.model) if args.model and args.dataset == "voc" else None
-    dataset = build_dataset(args, checkpoint)
-    if args.model and args.dataset != "voc":
-        checkpoint = read_checkpoint(args.model)
     if args.augmented is not None:
-        paths = draw_augmented(args, dataset)
+        paths = draw_augmented(args)
     elif args.anchors:
-        paths = draw_anchors(args, dataset, checkpoint)
+        paths = draw_anchors(args)
     else:
-        paths = draw_detections(args, dataset, checkpoint)
+        paths = draw_detections(args)
     print(f"saved {len(paths)} images to {os.path.abspath(args.output)}")
     if args.show:
         show_images(paths)

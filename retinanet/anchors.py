@@ -17,8 +17,6 @@ from torch import nn
 
 from .settings import PYRAMID_LEVELS, ModelSettings
 
-DEFAULTS = ModelSettings(num_classes=1)  # the paper's anchors
-
 
 def base_anchors(size: float, aspect_ratios, scales, integer: bool = False) -> torch.Tensor:
     """The A = len(aspect_ratios) * len(scales) anchors of one level centred on (0, 0): (A, 4) x1y1x2y2, float64.
@@ -50,37 +48,26 @@ def shifted_anchors(base: torch.Tensor, height: int, width: int, stride: int, ce
 
 
 class Anchors(nn.Module):
-    """The anchors of an image size, built once per size on the CPU and copied to the device where they are used.
+    """The anchors of a model's settings (anchor_sizes, anchor_scales, anchor_ratios, anchor_centre_offset,
+    integer_anchors) for any image size, built once per size on the CPU and copied to the device where they are used.
 
     The cache keeps the `max_cached` most recent (size, device) pairs: multi-scale training meets a few dozen
-    padded sizes. `centre_offset` = 0.5 puts the anchor of cell (i, j) at ((j + 0.5) * stride, (i + 0.5) * stride),
-    the centre of the cell in input pixels (Detectron, yhenon); torchvision uses 0. `integer_anchors` gives
-    torchvision's whole-pixel anchors (see base_anchors).
+    padded sizes. A centre offset of 0.5 puts the anchor of cell (i, j) at ((j + 0.5) * stride, (i + 0.5) * stride),
+    the centre of the cell in input pixels (Detectron, yhenon); torchvision uses 0. Integer anchors are torchvision's
+    whole-pixel ones (see base_anchors).
     """
 
-    def __init__(
-        self,
-        sizes=DEFAULTS.anchor_sizes,
-        scales=DEFAULTS.anchor_scales,
-        aspect_ratios=DEFAULTS.anchor_ratios,
-        centre_offset: float = DEFAULTS.anchor_centre_offset,
-        integer_anchors: bool = DEFAULTS.integer_anchors,
-        max_cached: int = 32,
-    ):
+    def __init__(self, settings: ModelSettings, max_cached: int = 32):
         super().__init__()
         self.strides = tuple(2**level for level in PYRAMID_LEVELS)  # P_l has stride 2^l
-        self.sizes = tuple(sizes)
-        self.scales = tuple(scales)
-        self.aspect_ratios = tuple(aspect_ratios)
-        self.centre_offset = centre_offset
-        self.integer_anchors = integer_anchors
+        self.sizes = settings.anchor_sizes
+        self.scales = settings.anchor_scales
+        self.aspect_ratios = settings.anchor_ratios
+        self.centre_offset = settings.anchor_centre_offset
+        self.integer_anchors = settings.integer_anchors
+        self.num_anchors = settings.num_anchors  # A
         self.max_cached = max_cached
         self._cache: dict[tuple, torch.Tensor] = {}
-
-    @property
-    def num_anchors(self) -> int:
-        """A, the number of anchors per location."""
-        return len(self.aspect_ratios) * len(self.scales)
 
     def num_per_level(self, image_height: int, image_width: int) -> list[int]:
         """H_l * W_l * A for each level: how the R anchors of an image split into levels."""
@@ -113,9 +100,3 @@ class Anchors(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """The (R, 4) float32 anchors of a (B, 3, H, W) batch, on its device, also under mixed precision."""
         return self.for_size(images.shape[-2], images.shape[-1], images.device)
-
-
-def anchors_of(settings: ModelSettings) -> Anchors:
-    """The anchors of a model built from `settings`."""
-    return Anchors(settings.anchor_sizes, settings.anchor_scales, settings.anchor_ratios,
-                   settings.anchor_centre_offset, settings.integer_anchors)

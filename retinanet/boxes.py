@@ -54,6 +54,21 @@ def decode(
     return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)  # (..., 4)
 
 
+def clip_boxes(boxes: torch.Tensor, height, width) -> torch.Tensor:
+    """(..., 4) x1y1x2y2 boxes clipped to an image of `height` x `width` pixels: numbers, or tensors that broadcast
+    with boxes[..., 0] (one size per image of a batch, say (B, 1) for (B, C, 4) boxes)."""
+    heights = torch.as_tensor(height, dtype=boxes.dtype, device=boxes.device)
+    widths = torch.as_tensor(width, dtype=boxes.dtype, device=boxes.device)
+    xs = torch.minimum(boxes[..., 0::2].clamp(min=0), widths[..., None])  # (..., 2): x1, x2
+    ys = torch.minimum(boxes[..., 1::2].clamp(min=0), heights[..., None])  # (..., 2): y1, y2
+    return torch.stack([xs[..., 0], ys[..., 0], xs[..., 1], ys[..., 1]], dim=-1)  # (..., 4)
+
+
+def has_area(boxes: torch.Tensor) -> torch.Tensor:
+    """(...) whether each of the (..., 4) x1y1x2y2 boxes has some area."""
+    return (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+
+
 def batched_box_iou(boxes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """IoU of each of the (B, G, 4) boxes of B images with each of the (R, 4) anchors: (B, G, R). As torchvision's
     box_iou for one image, with every intermediate of the output's size (no (B, G, R, 2) corner tensors)."""

@@ -1,8 +1,8 @@
-"""Detection datasets (CSV, COCO and Pascal VOC), batching and aspect-ratio grouping: the minibatches of images that
-paper §4.1 "Optimization" trains on. A dataset reads each image (retinanet.data.images) and its boxes
-(retinanet.data.annotations, retinanet.data.voc) and passes both through the transforms of §4.1 (retinanet.transforms).
-Batches hold images of one orientation only (landscape or portrait), as in detectron2's aspect ratio grouping, so
-that little of a padded batch is padding.
+"""The minibatches of images that paper §4.1 "Optimization" trains on: what a detection dataset's item is, batching
+and aspect-ratio grouping. The datasets of annotation files (CSV, COCO, Pascal VOC) are in data/datasets.py; each
+reads its images and boxes and passes both through the transforms of §4.1 (transforms.py). Batches hold images of
+one orientation only (landscape or portrait), as in detectron2's aspect ratio grouping, so that little of a padded
+batch is padding.
 
 An item of every dataset is a dict:
     image:         (3, H, W) uint8, RGB, resized, maybe flipped and augmented (the model normalises it)
@@ -22,7 +22,6 @@ Legend for shapes: B batch, N boxes, H, W image size.
 import contextlib
 import itertools
 import math
-import os
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -30,38 +29,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .data.annotations import MAX_LISTED, clip_annotations, clip_to_image, load_coco, read_class_list, read_csv_annotations
-from .data.images import read_image_size, read_rgb_image
+from .boxes import clip_boxes, has_area
 from .transforms import MEAN_COLOUR, DetectionTransform, Target, Transform
-from .data.voc import ParsedVOC, VOCSet, boxes_of_files, found_class_names, is_voc2007_test, read_voc_set
 
 PADDING_ROW = -1.0  # value of the annotation rows that collate adds; the loss skips rows with class < 0
 
 
-# -------------------------------------------------------------------------------------------------- datasets
-
-
-def _raise_if_missing(source: str, paths: Sequence[str], where: Sequence[str]) -> None:
-    """Fail at construction, not hours into training, if image files are missing; list the first few."""
-    missing = [f"{place}: {path}" for path, place in zip(paths, where) if not os.path.isfile(path)]
-    if missing:
-        raise ValueError(
-            f"{source}: {len(missing)} of {len(paths)} image files not found, e.g. " + "; ".join(missing[:MAX_LISTED])
-        )
-
-
-def _raise_first(errors: Sequence[ValueError], what: str) -> None:
-    """Raise the first of the errors found reading annotations, saying how many more there are."""
-    if errors:
-        more = len(errors) - 1
-        hint = f" (and {more} more {what}: train.py --check_data lists them all)" if more else ""
-        raise ValueError(f"{errors[0]}{hint}") from errors[0]
+# -------------------------------------------------------------------------------------------------- items
 
 
 class DetectionDataset(Dataset):
-    """What every dataset here shares: image paths, (N, 5) annotations in original pixels, (N,) difficult flags
-    (none by default), class names, and `__getitem__`, which reads, clips, transforms and returns the item dict
-    described in the module docstring."""
+    """What every dataset shares: one image and its (N, 5) annotations in original pixels per index, (N,) difficult
+    flags (none by default), class names, and `__getitem__`, which reads, clips, transforms and returns the item dict
+    described in the module docstring. A dataset reads its images with `read_image` and `image_size`
+    (data/datasets.py: ImageFileDataset reads image files)."""
 
     use_07_metric = False  # the AP its benchmark reports: VOC2007's test set is scored with the 11-point AP
 
@@ -88,8 +69,16 @@ class DetectionDataset(Dataset):
         return len(self.image_paths)
 
     def image_path(self, index: int) -> str:
-        """Path of the image file of item `index`."""
+        """Path of the image of item `index`, which names it in messages."""
         return self.image_paths[index]
+
+    def read_image(self, index: int) -> torch.Tensor:
+        """The image of item `index` as a (3, H, W) uint8 RGB tensor."""
+        raise NotImplementedError
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(height, width) of the image of item `index`."""
+        raise NotImplementedError
 
     def load_annotations(self, index: int) -> np.ndarray:
         """(N, 5) float32 rows x1, y1, x2, y2, class index, in pixels of the image file, as annotated."""
@@ -99,12 +88,8 @@ class DetectionDataset(Dataset):
         """(N,) bool: which boxes of load_annotations(index) evaluation neither counts as hits nor as misses."""
         return self.difficult[index].copy()
 
-    def image_size(self, index: int) -> tuple[int, int]:
-        """(height, width) of the image file, read from its header."""
-        return read_image_size(self.image_paths[index])
-
     def aspect_ratio(self, index: int) -> float:
-        """Width / height of the image file."""
+        """Width / height of the image."""
         height, width = self.image_size(index)
         return width / height
 
@@ -112,11 +97,14 @@ class DetectionDataset(Dataset):
         """The item of an index, or of (index, seed) with its random transforms seeded (see the module docstring)."""
         index, seed = key if isinstance(key, tuple) else (key, None)
         path = self.image_paths[index]
-        image = read_rgb_image(path)  # (3, H, W) uint8
+        image = self.read_image(index)  # (3, H, W) uint8
         height, width = image.shape[1:]
-        annotations, keep = clip_annotations(self.annotations[index], height, width, path)  # (N, 5), (N_file,)
-        target = {"boxes": torch.from_numpy(annotations[:, :4]), "labels": torch.from_numpy(annotations[:, 4]).long(),
-                  "difficult": torch.from_numpy(self.difficult[index][keep])}
+        annotations, keep = clip_to_image(torch.from_numpy(self.annotations[index]), height, width)  # (N, 5), (N,)
+        if not keep.all():
+            warnings.warn(f"{path}: dropped {int((~keep).sum())} box(es) lying outside the {width}x{height} image",
+                          stacklevel=2)
+        target = {"boxes": annotations[keep, :4], "labels": annotations[keep, 4].long(),
+                  "difficult": torch.from_numpy(self.difficult[index])[keep]}
         with seeded_random(seed):
             image, target, scale = self.transform(image, target)
         annotations, difficult = inside_image(image, target, path)
@@ -130,6 +118,13 @@ class DetectionDataset(Dataset):
         }
 
 
+def clip_to_image(annotations: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 5) annotations with their boxes clipped to a height x width image, and the (N,) mask of those that keep
+    some area: the rule for every box of an annotation file and of an augmentation."""
+    boxes = clip_boxes(annotations[:, :4], height, width)  # (N, 4)
+    return torch.cat([boxes, annotations[:, 4:]], dim=1), has_area(boxes)  # (N, 4) + (N, 1) -> (N, 5)
+
+
 def inside_image(image: torch.Tensor, target: Target, path: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A transform's output as an item's (N, 5) annotations and (N,) difficult flags: boxes clipped to the image,
     those left without area dropped with their labels and flags, as for boxes of an annotation file."""
@@ -138,9 +133,9 @@ def inside_image(image: torch.Tensor, target: Target, path: str) -> tuple[torch.
         raise ValueError(f"{path}: transform returned a {image.dtype} image, boxes of shape {tuple(boxes.shape)}, "
                          f"{len(labels)} labels and {len(difficult)} difficult flags; a transform must return a uint8 "
                          f"image and one label and one flag per box, in the order of the boxes")
-    rows = torch.cat([boxes.float(), labels[:, None].float()], dim=1).numpy()  # (N, 4) + (N, 1) -> (N, 5)
+    rows = torch.cat([boxes.float(), labels[:, None].float()], dim=1)  # (N, 4) + (N, 1) -> (N, 5)
     clipped, keep = clip_to_image(rows, *image.shape[1:])
-    return torch.from_numpy(clipped[keep]), difficult[torch.from_numpy(keep)]
+    return clipped[keep], difficult[keep]
 
 
 @contextlib.contextmanager
@@ -157,97 +152,6 @@ def seeded_random(seed: int | None) -> Iterator[None]:
 def item_seed(seed: int, epoch: int, index: int) -> int:
     """The seed of an item's random transforms in an epoch of a run: a function of the three alone."""
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
-
-
-class CSVDataset(DetectionDataset):
-    """Boxes from a CSV file in yhenon/pytorch-retinanet's format.
-
-    train_file rows: `path,x1,y1,x2,y2,class_name`, several rows per image, `path,,,,,` for an image without
-    objects; relative paths are relative to the CSV file's folder. class_list rows: `class_name,id`, ids 0..K-1.
-    Neither file has a header. Malformed rows raise ValueError naming the file and line.
-    """
-
-    def __init__(self, train_file: str, class_list: str, transform: Transform | None = None):
-        class_names = read_class_list(class_list)
-        parsed = read_csv_annotations(train_file, class_names)
-        _raise_first(parsed.errors, "malformed row(s)")
-        image_paths = list(parsed.boxes_of_image)
-        _raise_if_missing(train_file, image_paths, [f"line {parsed.first_line[path]}" for path in image_paths])
-        annotations = [np.array(boxes, dtype=np.float32).reshape(-1, 5) for boxes in parsed.boxes_of_image.values()]
-        super().__init__(image_paths, annotations, class_names, transform)
-
-
-class CocoDataset(DetectionDataset):
-    """Boxes from `{root}/annotations/instances_{set_name}.json`, images from `{root}/images/{set_name}/` or
-    `{root}/{set_name}/`. COCO category ids (sorted) map to class indices 0..K-1 and back. Crowd boxes are
-    skipped, zero-area boxes dropped with a warning, images without boxes kept as negatives. Missing image files
-    raise ValueError unless check_files is False (retinanet.diagnostics.check then reports each one)."""
-
-    def __init__(self, root: str, set_name: str, transform: Transform | None = None, check_files: bool = True):
-        annotation_file = os.path.join(root, "annotations", f"instances_{set_name}.json")
-        self.annotation_file = annotation_file  # problems found later (retinanet.diagnostics.check) name it
-        self.coco = load_coco(annotation_file)
-        image_dirs = [os.path.join(root, "images", set_name), os.path.join(root, set_name)]
-        image_dir = next((folder for folder in image_dirs if os.path.isdir(folder)), None)
-        if image_dir is None:
-            raise ValueError(f"{root}: no image folder for {set_name!r}; expected {' or '.join(image_dirs)}")
-        category_ids = sorted(self.coco.cats)
-        self.coco_id_to_label = {coco_id: label for label, coco_id in enumerate(category_ids)}
-        self.label_to_coco_id = {label: coco_id for coco_id, label in self.coco_id_to_label.items()}
-        self.image_ids = sorted(self.coco.imgs)  # dataset index -> COCO image id
-        image_paths = [os.path.join(image_dir, self.coco.imgs[image_id]["file_name"]) for image_id in self.image_ids]
-        if check_files:
-            _raise_if_missing(annotation_file, image_paths, [f"image id {image_id}" for image_id in self.image_ids])
-        zero_area: list[int] = []
-        annotations = [self._boxes_of_image(image_id, annotation_file, zero_area) for image_id in self.image_ids]
-        if zero_area:
-            warnings.warn(f"{annotation_file}: dropped {len(zero_area)} zero-area box(es), annotation ids "
-                          f"{zero_area[:MAX_LISTED]}", stacklevel=2)
-        class_names = [self.coco.cats[coco_id]["name"] for coco_id in category_ids]
-        super().__init__(image_paths, annotations, class_names, transform)
-
-    def _boxes_of_image(self, image_id: int, annotation_file: str, zero_area: list[int]) -> np.ndarray:
-        """(N, 5) x1, y1, x2, y2, class index of the image's non-crowd boxes; appends zero-area ids to zero_area."""
-        rows = []
-        for annotation in self.coco.imgToAnns[image_id]:
-            if annotation.get("iscrowd", 0):
-                continue
-            if annotation["category_id"] not in self.coco_id_to_label:
-                raise ValueError(f"{annotation_file}: annotation {annotation['id']} has category_id "
-                                 f"{annotation['category_id']}, which is not in 'categories'")
-            x, y, width, height = annotation["bbox"]
-            if width <= 0 or height <= 0:
-                zero_area.append(annotation["id"])
-                continue
-            rows.append([x, y, x + width, y + height, self.coco_id_to_label[annotation["category_id"]]])
-        return np.array(rows, dtype=np.float32).reshape(-1, 5)
-
-    def image_size(self, index: int) -> tuple[int, int]:
-        """(height, width) from the COCO json."""
-        image_info = self.coco.imgs[self.image_ids[index]]
-        return image_info["height"], image_info["width"]
-
-
-class VOCDataset(DetectionDataset):
-    """Boxes from the Pascal VOC XML files of set `set_name` of one or more roots: VOC roots (e.g.
-    VOCdevkit/VOC2007, VOCdevkit/VOC2012) or folders of XML files next to their images (retinanet.data.voc). Classes:
-    `class_names` if given, else VOC's 20 when every name found is one of them, else the sorted names found
-    (train.py gives those of its training and validation sets: retinanet.data.voc.run_class_names).
-    Difficult boxes train as any other; evaluation neither counts them as hits nor as misses, with the 11-point AP
-    on VOC2007's test set. Malformed files and objects, unknown classes and missing images raise ValueError naming
-    the file and the line. `parsed` is the set as read_voc_set returns it, where the caller has read it already."""
-
-    def __init__(self, roots: Sequence[str], set_name: str, class_names: list[str] | None = None,
-                 transform: Transform | None = None, parsed: ParsedVOC | None = None):
-        voc_set = VOCSet(tuple(roots), set_name)
-        parsed = read_voc_set(voc_set) if parsed is None else parsed
-        class_names = list(class_names) if class_names is not None else found_class_names(parsed.files)
-        boxes = boxes_of_files(parsed.files, class_names)
-        _raise_first(parsed.errors + boxes.errors, "problem(s)")
-        image_paths = [file.image_path for file in parsed.files]
-        _raise_if_missing(f"VOC set {set_name!r}", image_paths, [file.xml_path for file in parsed.files])
-        super().__init__(image_paths, boxes.annotations, class_names, transform, boxes.difficult)
-        self.use_07_metric = is_voc2007_test(voc_set)
 
 
 # -------------------------------------------------------------------------------------------------- batching

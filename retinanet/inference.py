@@ -4,9 +4,8 @@
 thresholding detector confidence at 0.05. The top predictions from all levels are merged and non-maximum
 suppression with a threshold of 0.5 is applied to yield the final detections."
 
-The whole batch is processed at once: on a GPU the host waits for the device a fixed number of times per batch (to
-learn how many candidates pass the threshold, inside NMS, and to split the result into images), however many images
-it holds, and the candidates are at most 1k per level and image, so NMS has bounded work for any model state.
+The whole batch is processed at once, and the candidates are at most 1k per level and image, so that NMS has bounded
+work for any model state.
 
 Legend for shapes: B batch, R anchors over all levels, K classes, C candidates per image (at most 1k per level),
 D candidates of the whole batch above the threshold.
@@ -15,7 +14,7 @@ D candidates of the whole batch above the threshold.
 import torch
 from torchvision.ops import batched_nms, nms
 
-from .boxes import decode
+from .boxes import clip_boxes, decode, has_area
 from .settings import ModelSettings
 
 
@@ -32,23 +31,11 @@ def top_candidates(logits: torch.Tensor, deltas: torch.Tensor, anchors: torch.Te
     return decode(anchors[anchor_index], deltas, std), scores, labels
 
 
-def clip_to_images(boxes: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
-    """(B, C, 4) x1y1x2y2 boxes clipped to each image's own (height, width), given as (B, 2): an image smaller than
-    the padded batch keeps no box, nor part of one, in its padding."""
-    heights = image_sizes[:, 0, None, None].to(boxes.dtype)  # (B, 1, 1)
-    widths = image_sizes[:, 1, None, None].to(boxes.dtype)  # (B, 1, 1)
-    xs = torch.minimum(boxes[..., 0::2].clamp(min=0), widths)  # (B, C, 2): x1, x2
-    ys = torch.minimum(boxes[..., 1::2].clamp(min=0), heights)  # (B, C, 2): y1, y2
-    return torch.stack([xs[..., 0], ys[..., 0], xs[..., 1], ys[..., 1]], dim=-1)  # (B, C, 4)
-
-
 def nms_within_groups(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
                       threshold: float) -> torch.Tensor:
     """Indices of the (D, 4) boxes that NMS keeps, by decreasing score, where boxes of different groups (one per
-    image and class) never suppress each other. On a GPU, one NMS call for the whole batch: the host waits once,
-    however many images and classes. On the CPU nothing waits, and NMS compares each box it keeps with every later
-    one, so one call per group is cheaper: torchvision's batched_nms, which makes one call per group above 1,000
-    boxes (8 images of 5,000 candidates, 80 classes: 53 ms against 2.3 s for one call, on 2 cores)."""
+    image and class) never suppress each other."""
+    # One call makes a GPU's host wait once per batch; on the CPU, where nothing waits, a call per group is cheaper.
     if boxes.device.type == "cpu":
         return batched_nms(boxes.double(), scores.double(), groups, threshold)
     return nms_in_one_call(boxes, scores, groups, threshold)
@@ -95,9 +82,11 @@ def detect(
                  anchors.split(anchors_per_level))  # per level: (B, R_l, K), (B, R_l, 4), (R_l, 4)
     candidates = [top_candidates(*level, settings.topk_candidates, settings.box_coder_std) for level in levels]
     boxes, scores, labels = (torch.cat(parts, dim=1) for parts in zip(*candidates))  # (B, C, 4), (B, C), (B, C)
-    boxes = clip_to_images(boxes, image_sizes)
-    has_area = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])  # (B, C)
-    image_index, candidate = ((scores > settings.score_threshold) & has_area).nonzero(as_tuple=True)  # (D,) each
+    # Each image's own (height, width): an image smaller than the padded batch keeps no box, nor part of one, in its
+    # padding.
+    boxes = clip_boxes(boxes, image_sizes[:, 0, None], image_sizes[:, 1, None])  # (B, C, 4), sizes (B, 1)
+    confident = (scores > settings.score_threshold) & has_area(boxes)  # (B, C)
+    image_index, candidate = confident.nonzero(as_tuple=True)  # (D,) each
     boxes, scores, labels = (values[image_index, candidate] for values in (boxes, scores, labels))  # (D, ...)
     groups = image_index * cls_logits.shape[-1] + labels  # (D,): one group per image and class
     kept = nms_within_groups(boxes, scores, groups, settings.nms_threshold)  # by decreasing score

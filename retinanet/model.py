@@ -2,37 +2,27 @@
 small subnets that classify and regress boxes at every anchor of every pyramid level. Read top to bottom: backbone,
 FPN, subnets, and the detector that composes them as Figure 3 draws it, initialised as §4.1 "Initialization" says.
 The training targets and losses are in losses.py, the inference rule of §4.1 in inference.py, every setting in
-settings.py.
+settings.py; engine/models.py builds a model with ImageNet weights in its backbone, or loads a trained one.
 
 Legend for shapes: B batch, A anchors per location (9 by default), K classes, H, W feature size, R anchors over all
 levels.
 """
 
 import math
-import os
-import urllib.error
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from .anchors import anchors_of
+from .anchors import Anchors
 from .inference import detect
 from .losses import RetinaNetLoss
-from .settings import ModelSettings
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+from .settings import RESNET_BLOCKS, ModelSettings
 
-# depth -> (residual block, blocks per stage), He et al. 2016, Table 1
-RESNET_LAYOUTS = {
-    18: (BasicBlock, (2, 2, 2, 2)),
-    34: (BasicBlock, (3, 4, 6, 3)),
-    50: (Bottleneck, (3, 4, 6, 3)),
-    101: (Bottleneck, (3, 4, 23, 3)),
-    152: (Bottleneck, (3, 8, 36, 3)),
-}
 FPN_CHANNELS = 256  # §4: "all pyramid levels have C = 256 channels"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics torchvision's ImageNet backbones were trained with
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ResNet(nn.Module):
@@ -41,9 +31,10 @@ class ResNet(nn.Module):
 
     def __init__(self, depth: int = 50):
         super().__init__()
-        if depth not in RESNET_LAYOUTS:
-            raise ValueError(f"ResNet depth must be one of {sorted(RESNET_LAYOUTS)}, got {depth}")
-        block, blocks_per_stage = RESNET_LAYOUTS[depth]
+        if depth not in RESNET_BLOCKS:
+            raise ValueError(f"ResNet depth must be one of {list(RESNET_BLOCKS)}, got {depth}")
+        block = Bottleneck if depth >= 50 else BasicBlock  # He et al. 2016, Table 1: bottlenecks from ResNet-50 on
+        blocks_per_stage = RESNET_BLOCKS[depth]
         self.depth = depth
         self.inplanes = 64
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
@@ -179,6 +170,14 @@ class ClassificationModel(Subnet):
         nn.init.constant_(self.output.bias, -math.log((1 - prior) / prior))
 
 
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) RGB images, uint8 in 0..255 or float in 0..1, minus the per-channel mean and divided by the std,
+    each (3, 1, 1) in 0..1 units (the model's copies of IMAGENET_MEAN and IMAGENET_STD, on its device)."""
+    if images.dtype == torch.uint8:
+        images = images.float() / 255
+    return (images - mean) / std
+
+
 class RetinaNet(nn.Module):
     """The detector of Figure 3: a backbone, a feature pyramid, a classification and a box regression subnet
     shared by all levels, and the anchors they are relative to. Built from its ModelSettings, which also build
@@ -200,7 +199,7 @@ class RetinaNet(nn.Module):
         self.classification_subnet = ClassificationModel(FPN_CHANNELS, settings.num_classes, settings.num_anchors,
                                                          prior=settings.prior)
         self.box_subnet = RegressionModel(FPN_CHANNELS, settings.num_anchors)
-        self.anchors = anchors_of(settings)
+        self.anchors = Anchors(settings)
         # The ImageNet statistics the backbone's pretrained weights expect, on the model's device (not saved).
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
@@ -275,14 +274,6 @@ def freeze_batchnorm(model: nn.Module) -> None:
 
 # What freeze_at counts, in order: the stem (conv1 + bn1), then the residual stages conv2_x .. conv5_x.
 BACKBONE_STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
-PRETRAINED_FREEZE_AT = 2  # detectron2's FREEZE_AT = 2, torchvision's trainable_backbone_layers = 3
-
-
-def initial_freezing(started_trained: bool) -> dict:
-    """The freeze_bn and freeze_at settings of a model whose weights start trained (ImageNet's or a checkpoint's):
-    frozen BatchNorm, which needs trained statistics (freeze_batchnorm), and a frozen stem and layer1; from scratch,
-    everything trains."""
-    return dict(freeze_bn=started_trained, freeze_at=PRETRAINED_FREEZE_AT if started_trained else 0)
 
 
 def freeze_backbone(backbone: ResNet, freeze_at: int) -> None:
@@ -292,93 +283,6 @@ def freeze_backbone(backbone: ResNet, freeze_at: int) -> None:
     detectron2's FREEZE_AT; torchvision's trainable_backbone_layers is 5 - freeze_at. The first layers' ImageNet
     filters (edges, colours) transfer as they are, and backpropagation stops before the largest feature maps.
     """
-    if not 0 <= freeze_at <= len(BACKBONE_STAGES):
-        raise ValueError(f"freeze_at must be in 0..{len(BACKBONE_STAGES)}, got {freeze_at}")
     for stage in BACKBONE_STAGES[:freeze_at]:
         for name in stage:
             getattr(backbone, name).requires_grad_(False)
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be downloaded or found; the message says how to proceed."""
-
-
-def imagenet_state_dict(depth: int, pretrained: bool | str | os.PathLike) -> dict[str, torch.Tensor]:
-    """torchvision's ImageNet weights for a ResNet of `depth`, from the torch hub cache, the internet, or a path."""
-    if not isinstance(pretrained, bool):
-        return torch.load(pretrained, map_location="cpu", weights_only=True)
-    weights = torchvision.models.get_weight(f"ResNet{depth}_Weights.IMAGENET1K_V1")
-    try:
-        return weights.get_state_dict(progress=True)
-    except (urllib.error.URLError, OSError) as error:
-        cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-        raise WeightsUnavailableError(
-            f"Could not get the ImageNet weights of ResNet-{depth} ({error}). They are downloaded from "
-            f"{weights.url}, and this machine seems to have no internet access. Either train from scratch "
-            f"(--no_pretrained in train.py, pretrained=False in Python; BatchNorm then stays trainable), or "
-            f"download that file on another machine and put it at {cache}, where torchvision looks first, or "
-            f"pass the file's path instead (--pretrained PATH, or pretrained='PATH')."
-        ) from error
-
-
-def load_backbone_weights(backbone: ResNet, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load an ImageNet ResNet state dict into the backbone; every backbone tensor must be there."""
-    state_dict = {key: value for key, value in state_dict.items() if not key.startswith("fc.")}  # the classifier
-    missing, unexpected = backbone.load_state_dict(state_dict, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"The ImageNet weights do not fit a ResNet-{backbone.depth}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-
-
-def build_retinanet(
-    depth: int,
-    num_classes: int,
-    pretrained: bool | str | os.PathLike = False,
-    freeze_bn: bool | None = None,
-    freeze_at: int | None = None,
-    **settings,
-) -> RetinaNet:
-    """A RetinaNet with a ResNet-`depth` backbone; `settings` are any other ModelSettings. `pretrained` is False,
-    True (torchvision's ImageNet weights) or a path to such a file. By default, starting from pretrained weights
-    freezes BatchNorm and the stem + layer1 (freeze_at=2, see freeze_backbone); from scratch everything trains."""
-    freezing = initial_freezing(pretrained is not False)
-    return pretrained_retinanet(ModelSettings(
-        num_classes=num_classes, depth=depth, **settings,
-        freeze_bn=freezing["freeze_bn"] if freeze_bn is None else freeze_bn,
-        freeze_at=freezing["freeze_at"] if freeze_at is None else freeze_at,
-    ), pretrained)
-
-
-def pretrained_retinanet(settings: ModelSettings, pretrained: bool | str | os.PathLike) -> RetinaNet:
-    """A RetinaNet of `settings` whose backbone starts from ImageNet weights (`pretrained` True: torchvision's, or a
-    path to such a file) or from scratch (False). §4.1 "Initialization": "We experiment with ResNet-50-FPN and
-    ResNet-101-FPN backbones [...] The base ResNet-50 and ResNet-101 models are pre-trained on ImageNet1k"."""
-    model = RetinaNet(settings)
-    if pretrained is not False:
-        load_backbone_weights(model.backbone, imagenet_state_dict(settings.depth, pretrained))
-    return model
-
-
-def resnet18(num_classes: int, pretrained: bool | str = False, **kwargs) -> RetinaNet:
-    """RetinaNet with a ResNet-18 backbone."""
-    return build_retinanet(18, num_classes, pretrained, **kwargs)
-
-
-def resnet34(num_classes: int, pretrained: bool | str = False, **kwargs) -> RetinaNet:
-    """RetinaNet with a ResNet-34 backbone."""
-    return build_retinanet(34, num_classes, pretrained, **kwargs)
-
-
-def resnet50(num_classes: int, pretrained: bool | str = False, **kwargs) -> RetinaNet:
-    """RetinaNet with a ResNet-50 backbone (the paper's default, §5.1)."""
-    return build_retinanet(50, num_classes, pretrained, **kwargs)
-
-
-def resnet101(num_classes: int, pretrained: bool | str = False, **kwargs) -> RetinaNet:
-    """RetinaNet with a ResNet-101 backbone."""
-    return build_retinanet(101, num_classes, pretrained, **kwargs)
-
-
-def resnet152(num_classes: int, pretrained: bool | str = False, **kwargs) -> RetinaNet:
-    """RetinaNet with a ResNet-152 backbone."""
-    return build_retinanet(152, num_classes, pretrained, **kwargs)

@@ -12,9 +12,14 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-RESNET_DEPTHS = (18, 34, 50, 101, 152)
+# ResNet depth -> residual blocks in each of its stages conv2_x..conv5_x (He et al. 2016, Table 1)
+RESNET_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 PYRAMID_LEVELS = (3, 4, 5, 6, 7)  # §4: "we construct a pyramid with levels P3 through P7"
 FREEZE_AT_LEVELS = range(6)  # 0 nothing, 1 the stem, 2..5 the stem and the first 1..4 residual stages
+PRETRAINED_FREEZE_AT = 2  # detectron2's FREEZE_AT = 2, torchvision's trainable_backbone_layers = 3
+P6_SOURCES = ("c5", "p5")  # footnote 2's, torchvision's
+BOX_LOSSES = ("smooth_l1", "giou")  # §4.1 "Optimization"'s, detectron2's alternative
+LOSS_NORMALIZERS = ("batch", "ema")  # §4.1 "Focal Loss"'s count, detectron2's moving average of it
 
 # Box coding: the standard deviations that divide the R-CNN deltas (dx, dy, dw, dh), and the smooth L1 β on them.
 # The paper says "standard smooth L1 loss" (§4.1 "Optimization") and no more; these are what implementations use.
@@ -99,8 +104,8 @@ def settings_problems(settings: ModelSettings) -> list[str]:
     s = settings
     checks = [
         (s.num_classes >= 1, f"num_classes must be at least 1, got {s.num_classes}"),
-        (s.depth in RESNET_DEPTHS, f"depth must be one of {list(RESNET_DEPTHS)} (ResNet), got {s.depth}"),
-        (s.p6_from in ("c5", "p5"), f'p6_from must be "c5" (the paper) or "p5" (torchvision), got {s.p6_from!r}'),
+        (s.depth in RESNET_BLOCKS, f"depth must be one of {list(RESNET_BLOCKS)} (ResNet), got {s.depth}"),
+        (s.p6_from in P6_SOURCES, f"p6_from must be one of {P6_SOURCES} (the paper's, torchvision's), got {s.p6_from!r}"),
         (len(s.anchor_sizes) == len(PYRAMID_LEVELS),
          f"anchor_sizes needs one size per level P3..P7, got {s.anchor_sizes}"),
         (all(value > 0 and math.isfinite(value) for value in s.anchor_sizes + s.anchor_scales + s.anchor_ratios)
@@ -110,8 +115,9 @@ def settings_problems(settings: ModelSettings) -> list[str]:
         (len(s.box_coder_std) == 4 and all(value > 0 for value in s.box_coder_std),
          f"box_coder_std needs 4 positive numbers, got {s.box_coder_std}"),
         (s.smooth_l1_beta >= 0, f"smooth_l1_beta must be >= 0, got {s.smooth_l1_beta}"),
-        (s.box_loss in ("smooth_l1", "giou"), f"box_loss must be 'smooth_l1' or 'giou', got {s.box_loss!r}"),
-        (s.loss_normalizer in ("batch", "ema"), f"loss_normalizer must be 'batch' or 'ema', got {s.loss_normalizer!r}"),
+        (s.box_loss in BOX_LOSSES, f"box_loss must be one of {BOX_LOSSES}, got {s.box_loss!r}"),
+        (s.loss_normalizer in LOSS_NORMALIZERS,
+         f"loss_normalizer must be one of {LOSS_NORMALIZERS}, got {s.loss_normalizer!r}"),
         (0 < s.min_size <= s.max_size, f"need 0 < min_size <= max_size, got {s.min_size} and {s.max_size}"),
         (s.freeze_at in FREEZE_AT_LEVELS, f"freeze_at must be in 0..{FREEZE_AT_LEVELS[-1]}, got {s.freeze_at}"),
         (s.topk_candidates >= 1 and s.max_detections >= 1, "topk_candidates and max_detections must be at least 1"),
@@ -119,12 +125,8 @@ def settings_problems(settings: ModelSettings) -> list[str]:
     return [message for ok, message in checks if not ok]
 
 
-# yhenon/pytorch-retinanet, whose state dicts load here: its box coding, the paper's matching rule without
-# low-quality matches, and its resizer's 608-pixel shorter side with the longer side at most 1024.
-YHENON_SETTINGS = dict(
-    box_coder_std=BOX_CODINGS["yhenon"][0],
-    smooth_l1_beta=BOX_CODINGS["yhenon"][1],
-    allow_low_quality_matches=False,
-    min_size=608,
-    max_size=1024,
-)
+def initial_freezing(started_trained: bool) -> dict:
+    """The freeze_bn and freeze_at settings of a model whose weights start trained (ImageNet's or a checkpoint's):
+    frozen BatchNorm, which needs trained statistics, and a frozen stem and layer1 (model.freeze_batchnorm,
+    model.freeze_backbone); from scratch, everything trains."""
+    return dict(freeze_bn=started_trained, freeze_at=PRETRAINED_FREEZE_AT if started_trained else 0)

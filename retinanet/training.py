@@ -8,13 +8,12 @@ that they skip and stop together), and whether fp16 gradients overflowed. A step
 overflowed gradients updates no weight.
 """
 
+import contextlib
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
-
-from .engine.runtime import out_of_memory_hint
 
 
 class StepResult(NamedTuple):
@@ -22,6 +21,20 @@ class StepResult(NamedTuple):
     regression_loss: float
     nonfinite: bool  # the loss of some process was NaN or infinite: the step updated nothing
     stop: bool  # some process was asked to stop
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(batch_shape: torch.Size):
+    """Turn a GPU out-of-memory error into a message that names the batch and says what to lower."""
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        batch_size, _, height, width = batch_shape
+        raise SystemExit(
+            f"error: out of GPU memory on a batch of {batch_size} images of {height}x{width} pixels (padded). Lower "
+            f"--batch_size (the default lr scales with it), or --min_size and --max_size; mixed precision, the default "
+            f"on GPU, needs less memory than --full_precision. ({str(error).splitlines()[0]})"
+        ) from error
 
 
 class TrainStep:

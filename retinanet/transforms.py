@@ -1,11 +1,11 @@
-"""The transforms of the images a RetinaNet trains and runs on: they are resized so that their shorter side is 800
-pixels, the image scale of the paper's main models ("RetinaNet-800", §5.2 "Speed versus Accuracy"; Detectron caps
-the longer side at 1333), and "We use horizontal image flipping as the only form of data augmentation unless
+"""The transforms of the images a RetinaNet trains and runs on: they are resized so that their shorter side is the
+model's min_size, 800 pixels for the paper's main models (§5.2 "Speed versus Accuracy", Table 1e, and §5.3; Detectron
+caps the longer side at 1333), and "We use horizontal image flipping as the only form of data augmentation unless
 otherwise noted" (§4.1 "Optimization"); optional scale jitter draws the shorter side per training image, as for
 the paper's final COCO models (§5.3, Table 2), and opt-in augmentations beyond the paper's run around resize and
-flip (retinanet.data.augmentations). Images stay uint8, a quarter of the bytes of float32 on their way
+flip (data/augmentations.py). Images stay uint8, a quarter of the bytes of float32 on their way
 to the device; the model normalises them there with the ImageNet mean and std that the pretrained backbone
-expects (`normalize`).
+expects (model.normalize).
 
 Legend for shapes: N boxes, H, W image size.
 """
@@ -15,15 +15,13 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .data.augmentations import Augmentation
+from .boxes import clip_boxes
+from .model import IMAGENET_MEAN
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics torchvision's ImageNet backbones were trained with
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MEAN_COLOUR = tuple(round(255 * mean) for mean in IMAGENET_MEAN)  # (124, 116, 104), which normalize takes to ~0
-MIN_SIZE, MAX_SIZE = 800, 1333  # the shorter side of the paper's main models (§5.2), Detectron's cap of the longer
 
 # What a dataset passes through its transforms with an image: "boxes" (N, 4) float32 x1, y1, x2, y2 in its pixels,
-# and what follows each box: "labels" (N,) int64 class index, "difficult" (N,) bool (see retinanet.data.voc).
+# and what follows each box: "labels" (N,) int64 class index, "difficult" (N,) bool (see data/voc.py).
 Target = dict[str, torch.Tensor]
 # (image (3, H, W) uint8, target) -> (image, target, scale); see DetectionTransform
 Transform = Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target, float]]
@@ -31,14 +29,15 @@ Transform = Callable[[torch.Tensor, Target], tuple[torch.Tensor, Target, float]]
 
 class Resize:
     """Resize so the shorter side is min_size unless the longer side would exceed max_size; then the longer side
-    is max_size (the paper's 800 pixels; Detectron's cap of 1333). min_size = (lo, hi) is scale jitter: the
-    shorter side is drawn uniformly from the integers lo..hi for each image (training only).
+    is max_size (the model's settings: by default the paper's 800 pixels and Detectron's cap of 1333). min_size =
+    (lo, hi) is scale jitter: the shorter side is drawn uniformly from the integers lo..hi for each image (training
+    only).
 
     Called on (image (3, H, W), boxes (N, 4)), returns (image, boxes, scale): boxes are multiplied by scale, the
     factor scale_for draws unless it is given.
     """
 
-    def __init__(self, min_size: int | tuple[int, int] = MIN_SIZE, max_size: int = MAX_SIZE):
+    def __init__(self, min_size: int | tuple[int, int], max_size: int):
         low, high = min_size if isinstance(min_size, Sequence) else (min_size, min_size)
         if not 0 < low <= high <= max_size:
             raise ValueError(f"need 0 < min_size <= max_size (min_size a size or a (lo, hi) range), got "
@@ -62,11 +61,8 @@ class Resize:
         scale = self.scale_for(*image.shape[-2:]) if scale is None else scale
         image = resize_image(image, scale)
         new_height, new_width = image.shape[-2:]
-        boxes = boxes * scale
         # Rounding the image size can cut up to half a pixel off the far edges; keep boxes inside the image.
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, new_width)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, new_height)
-        return image, boxes, scale
+        return image, clip_boxes(boxes * scale, new_height, new_width), scale
 
 
 def resize_image(image: torch.Tensor, scale: float) -> torch.Tensor:
@@ -97,18 +93,10 @@ class RandomHorizontalFlip:
         return image.flip(-1), flipped
 
 
-def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) RGB images, uint8 in 0..255 or float in 0..1, minus the per-channel mean and divided by the std,
-    each (3, 1, 1) in 0..1 units (the model's copies of IMAGENET_MEAN and IMAGENET_STD, on its device)."""
-    if images.dtype == torch.uint8:
-        images = images.float() / 255
-    return (images - mean) / std
-
-
 class DetectionTransform:
     """The whole pipeline of one item: the geometric augmentations (if any), resize (if any), flip (if any), and the
     photometric augmentation (if any) before the resize if it enlarges the image, after the flip otherwise (see
-    retinanet.data.augmentations).
+    data/augmentations.py).
 
     Called on (image (3, H, W) uint8, target), returns (image, target, scale), where scale is the resize factor
     (1.0 without a resize); the dataset reports it as item["scale"]. A custom `transform` given to a dataset must
@@ -117,8 +105,7 @@ class DetectionTransform:
     those left without area, with their labels.
     """
 
-    def __init__(self, resize: Resize | None = None, flip: RandomHorizontalFlip | None = None,
-                 augmentation: Augmentation | None = None):
+    def __init__(self, resize: Resize | None = None, flip: RandomHorizontalFlip | None = None, augmentation=None):
         self.resize = resize
         self.flip = flip
         self.augmentation = augmentation
@@ -141,14 +128,11 @@ class DetectionTransform:
         return image, {**target, "boxes": boxes}, scale
 
 
-def build_transform(
-    train: bool, min_size: int = MIN_SIZE, max_size: int = MAX_SIZE, jitter: tuple[int, int] | None = None,
-    augment: Sequence[str] = (),
-) -> DetectionTransform:
-    """Training: the augmentations named in `augment` (retinanet.data.augmentations.AUGMENTATIONS) + resize (to min_size,
-    or a shorter side drawn from the jitter range) + flip. Evaluation: resize to min_size; jitter and augment are
+def build_transform(train: bool, min_size: int, max_size: int, jitter: tuple[int, int] | None = None,
+                    augmentation=None) -> DetectionTransform:
+    """Training: the augmentation if any (data/augmentations.py: Augmentation) + resize (to min_size, or a
+    shorter side drawn from the jitter range) + flip. Evaluation: resize to min_size; jitter and augmentation are
     training settings and do not apply."""
     if train:
-        augmentation = Augmentation(augment, fill=MEAN_COLOUR) if augment else None
         return DetectionTransform(Resize(jitter or min_size, max_size), RandomHorizontalFlip(0.5), augmentation)
     return DetectionTransform(Resize(min_size, max_size))

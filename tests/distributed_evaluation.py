@@ -6,16 +6,19 @@ images, the first gathers them all and prints the mAP. Run by test_train.py with
 
 import sys
 
-from retinanet.dataloader import CSVDataset
+from retinanet.data.datasets import CSVDataset
+from retinanet.engine.batch_inference import check_class_names, gather_predictions, predict_dataset
 from retinanet.engine.evaluation import evaluate
-from retinanet.engine.prediction import gather_predictions, load_for_inference, predict_dataset
+from retinanet.engine.models import load_model
 from retinanet.engine.runtime import setup_distributed
+from retinanet.transforms import build_transform
 
 if __name__ == "__main__":
     checkpoint, val_csv, classes_csv = sys.argv[1:]
     device, rank, world_size = setup_distributed("cpu")
-    dataset = CSVDataset(val_csv, classes_csv)
-    model = load_for_inference(checkpoint, dataset, "cpu").model
+    model, class_names = load_model(checkpoint, device)
+    dataset = CSVDataset(val_csv, classes_csv, build_transform(False, model.settings.min_size, model.settings.max_size))
+    check_class_names(class_names, dataset.class_names)
     shard = predict_dataset(model, dataset, batch_size=2, workers=1, rank=rank, world_size=world_size)
     predictions = gather_predictions(shard, rank, world_size)
     if rank == 0:

@@ -1,10 +1,13 @@
 """Anchor settings are model settings (§4 "Anchors"): a model with other anchors than the paper's 3 scales x 3
 ratios trains, saves them in its checkpoint, resumes with them and is evaluated with them."""
 
+from conftest import tiny_run_flags
+
 import csv_eval
 import train
-from conftest import tiny_run_flags
-from retinanet.engine.checkpoint import load_model, read_checkpoint
+
+from retinanet.engine.checkpoint import read_checkpoint
+from retinanet.engine.models import load_model
 
 SCALES = ("0.5", "0.75", "1", "1.5")
 RATIOS = ("0.25", "0.5", "1", "2", "4")
@@ -47,3 +50,7 @@ def test_resume_refuses_other_anchors_than_the_checkpoints(tmp_path, capsys):
     assert train.run_script(train.main, flags, prog=None) == 2
     assert "anchor_scales (0.5, 0.75, 1.0, 1.5) (asked for: (1.0, 2.0))" in capsys.readouterr().err
     assert read_checkpoint(last)["iteration"] == 1
+    # The checkpoint's own anchors typed again are no contradiction.
+    flags = tiny_run_flags(tmp_path, "--iters", "2", "--resume", last, "--anchor_scales", *SCALES)
+    assert train.run_script(train.main, flags, prog=None) == 0
+    assert read_checkpoint(last)["iteration"] == 2

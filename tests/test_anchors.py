@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from retinanet.anchors import Anchors, base_anchors
+from retinanet.settings import ModelSettings
 
 ROOT_HALF = math.sqrt(0.5)
+PAPER = ModelSettings(num_classes=1)  # the paper's anchors
 
 
 def test_base_anchors_of_p3_by_hand():
@@ -24,7 +26,7 @@ def test_base_anchors_of_p3_by_hand():
 
 
 def test_anchors_of_a_small_image_by_hand():
-    levels = Anchors().per_level(32, 40)
+    levels = Anchors(PAPER).per_level(32, 40)
     # P3: stride 8, grid ceil(32/8) x ceil(40/8) = 4 x 5; P4: 2 x 3; P5: 1 x 2; P6, P7: 1 x 1 (ceil)
     assert [level.shape[0] for level in levels] == [9 * 20, 9 * 6, 9 * 2, 9, 9]
     p3, p4, p5 = levels[0], levels[1], levels[2]
@@ -43,13 +45,13 @@ def test_anchors_of_a_small_image_by_hand():
 
 @pytest.mark.parametrize("height,width", [(32, 32), (100, 70), (160, 160), (800, 1216), (1, 1), (513, 257)])
 def test_anchor_count_formula(height, width):
-    total = sum(level.shape[0] for level in Anchors().per_level(height, width))
+    total = sum(level.shape[0] for level in Anchors(PAPER).per_level(height, width))
     expected = 9 * sum(math.ceil(height / 2**l) * math.ceil(width / 2**l) for l in range(3, 8))
     assert total == expected
 
 
 def test_anchors_follow_input_and_are_cached():
-    anchors = Anchors()
+    anchors = Anchors(PAPER)
     images = torch.zeros(2, 3, 64, 96, dtype=torch.bfloat16)
     first = anchors(images)
     assert first.dtype == torch.float32 and first.device == images.device  # float32 under mixed precision too
@@ -59,19 +61,20 @@ def test_anchors_follow_input_and_are_cached():
 
 
 def test_anchor_cache_is_bounded():
-    anchors = Anchors(max_cached=2)
+    anchors = Anchors(PAPER, max_cached=2)
     for size in (32, 64, 96):
         anchors.for_size(size, size)
     assert len(anchors._cache) == 2
 
 
 def test_centre_offset_zero_moves_anchors_to_the_cell_corner():
-    p3 = Anchors(centre_offset=0.0).per_level(32, 32)[0]
+    p3 = Anchors(PAPER.replace(anchor_centre_offset=0.0)).per_level(32, 32)[0]
     torch.testing.assert_close(p3[3], torch.tensor([-16.0, -16.0, 16.0, 16.0]))
 
 
 def test_any_number_of_scales_and_ratios_and_other_sizes():
-    anchors = Anchors(sizes=(16, 32, 64, 128, 256), scales=(1.0, 1.5, 2.0, 3.0), aspect_ratios=(0.25, 0.5, 1, 2, 4))
+    anchors = Anchors(PAPER.replace(anchor_sizes=(16, 32, 64, 128, 256), anchor_scales=(1.0, 1.5, 2.0, 3.0),
+                                     anchor_ratios=(0.25, 0.5, 1, 2, 4)))
     assert anchors.num_anchors == 20
     p3 = anchors.per_level(16, 16)[0]  # 2 x 2 cells of 20 anchors
     assert p3.shape == (2 * 2 * 20, 4)

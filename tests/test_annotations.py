@@ -3,14 +3,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from conftest import CLASSES, save_image, write
-from retinanet.data.annotations import read_class_list
-from retinanet.dataloader import CocoDataset, CSVDataset
-from retinanet.data.images import read_rgb_image
+from hypothesis import given, settings, strategies as st
 
+from retinanet.data.annotations import read_class_list
+from retinanet.data.datasets import CocoDataset, CSVDataset
+from retinanet.data.images import read_rgb_image
 
 # ------------------------------------------------------------------------------------------------ CSV format
 

@@ -1,4 +1,4 @@
-"""Tests of the opt-in augmentations (retinanet/augmentations.py) through the datasets' items: every box stays on its
+"""Tests of the opt-in augmentations (retinanet/data/augmentations.py) through the datasets' items: every box stays on its
 object and takes its label and difficult flag along, boxes leaving the image are clipped or dropped as boxes of an
 annotation file are, images without boxes stay valid, and the augmentation of an item depends on its seed only."""
 
@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from retinanet.data.augmentations import AUGMENTATIONS, Augmentation
+from retinanet.data.datasets import ImageFileDataset
 from retinanet.dataloader import DetectionDataset, collate, inside_image, item_seed
-from retinanet.engine.drawing import image_folder_dataset
 from retinanet.transforms import MEAN_COLOUR, DetectionTransform, Resize, build_transform
 
 BACKGROUND = (128, 128, 128)  # grey stays grey under every photometric change
@@ -33,7 +33,7 @@ def rectangles_image(path) -> str:
 
 def rectangles_dataset(tmp_path, transform) -> DetectionDataset:
     annotations = np.array([[*box, label] for label, box in enumerate(RECTANGLES)], dtype=np.float32)
-    return DetectionDataset([rectangles_image(tmp_path / "rectangles.png")], [annotations], ["red", "green", "blue"],
+    return ImageFileDataset([rectangles_image(tmp_path / "rectangles.png")], [annotations], ["red", "green", "blue"],
                             transform, difficult=[np.array(DIFFICULT)])
 
 
@@ -64,7 +64,7 @@ def assert_boxes_on_their_rectangles(item: dict) -> None:
 
 @pytest.mark.parametrize("names", [[name] for name in AUGMENTATIONS] + [list(AUGMENTATIONS)])
 def test_each_augmentation_keeps_every_box_on_its_object_with_its_label(tmp_path, names):
-    dataset = rectangles_dataset(tmp_path, build_transform(True, 60, 1000, augment=names))
+    dataset = rectangles_dataset(tmp_path, build_transform(True, 60, 1000, augmentation=Augmentation(names)))
     for seed in SEEDS:
         assert_boxes_on_their_rectangles(dataset[(0, seed)])
     # The same augmentation without resize jitter and flip: it changes some of the items.
@@ -74,7 +74,7 @@ def test_each_augmentation_keeps_every_box_on_its_object_with_its_label(tmp_path
 
 
 def test_crop_and_zoom_out_change_the_boxes_and_rot90_the_orientation(tmp_path):
-    items = {name: [rectangles_dataset(tmp_path, build_transform(True, 60, 1000, augment=[name]))[(0, seed)]
+    items = {name: [rectangles_dataset(tmp_path, build_transform(True, 60, 1000, augmentation=Augmentation([name])))[(0, seed)]
                     for seed in SEEDS] for name in ("crop", "zoom_out", "rot90")}
     assert any(len(item["annotations"]) < 3 for item in items["crop"])  # some crop leaves a rectangle out
     # zoomed out, then resized back to a shorter side of 60: the rectangles shrink
@@ -83,7 +83,7 @@ def test_crop_and_zoom_out_change_the_boxes_and_rot90_the_orientation(tmp_path):
 
 
 def test_an_item_depends_on_its_seed_only(tmp_path):
-    dataset = rectangles_dataset(tmp_path, build_transform(True, 60, 1000, augment=list(AUGMENTATIONS)))
+    dataset = rectangles_dataset(tmp_path, build_transform(True, 60, 1000, augmentation=Augmentation(AUGMENTATIONS)))
     seed = item_seed(0, epoch=3, index=0)
     first, again = dataset[(0, seed)], dataset[(0, seed)]
     torch.manual_seed(123)  # the global generator does not matter
@@ -98,7 +98,9 @@ def test_an_augmented_batch_of_images_without_boxes_is_valid(tmp_path):
     for i, size in enumerate([(40, 30), (50, 30), (30, 44)]):
         Image.new("RGB", size, (10 * i, 200, 90)).save(tmp_path / f"{i}.png")
         paths.append(str(tmp_path / f"{i}.png"))
-    dataset = image_folder_dataset(paths, ["cat"], build_transform(True, 32, 64, augment=list(AUGMENTATIONS)))
+    no_boxes = [np.zeros((0, 5), np.float32)] * len(paths)
+    dataset = ImageFileDataset(paths, no_boxes, ["cat"],
+                               build_transform(True, 32, 64, augmentation=Augmentation(AUGMENTATIONS)))
     for seed in SEEDS:
         batch = collate([dataset[(index, seed)] for index in range(3)])
         assert batch["images"].dtype == torch.uint8 and batch["images"].shape[:2] == (3, 3)
@@ -127,4 +129,4 @@ def test_a_transform_that_loses_labels_is_refused_naming_the_image(tmp_path):
 
 def test_unknown_augmentations_are_refused():
     with pytest.raises(ValueError, match=r"unknown augmentation\(s\) \['blur'\]"):
-        build_transform(True, augment=["crop", "blur"])
+        Augmentation(["crop", "blur"])

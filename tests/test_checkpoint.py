@@ -3,8 +3,9 @@ import os
 import pytest
 import torch
 
-from retinanet.engine.checkpoint import infer_architecture, load_model, read_checkpoint, save_checkpoint
-from retinanet.model import RetinaNet, resnet18
+from retinanet.engine.checkpoint import infer_architecture, read_checkpoint, save_checkpoint
+from retinanet.engine.models import load_model
+from retinanet.model import RetinaNet
 from retinanet.settings import ModelSettings
 
 
@@ -16,7 +17,7 @@ def test_architecture_is_inferred_from_a_state_dict(depth):
 
 
 def test_checkpoint_round_trip_keeps_weights_settings_and_names(tmp_path):
-    model = resnet18(num_classes=3, score_threshold=0.2, max_detections=17)
+    model = RetinaNet(ModelSettings(num_classes=3, depth=18, score_threshold=0.2, max_detections=17))
     path = str(tmp_path / "model.pt")
     save_checkpoint({"model": model.state_dict(), "class_names": ["a", "b", "c"],
                      "model_settings": model.settings.as_dict()}, path)
@@ -30,7 +31,7 @@ def test_checkpoint_round_trip_keeps_weights_settings_and_names(tmp_path):
 
 def test_a_bare_state_dict_loads_with_numbered_class_names(tmp_path):
     path = str(tmp_path / "state_dict.pt")
-    torch.save(resnet18(num_classes=2).state_dict(), path)
+    torch.save(RetinaNet(ModelSettings(num_classes=2, depth=18)).state_dict(), path)
     model, class_names = load_model(path)
     assert model.num_classes == 2 and class_names == ["0", "1"]
     # yhenon's recipe: its box coding and its resizer's 608 / 1024 pixels
@@ -63,7 +64,7 @@ def test_missing_directory_and_truncated_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="directory"):
         read_checkpoint(str(tmp_path))
     path = tmp_path / "truncated.pt"
-    torch.save(resnet18(num_classes=2).state_dict(), path)
+    torch.save(RetinaNet(ModelSettings(num_classes=2, depth=18)).state_dict(), path)
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(ValueError, match="truncated"):
         read_checkpoint(str(path))

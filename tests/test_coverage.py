@@ -7,18 +7,19 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import save_image, write
 from PIL import Image
 from torchvision.ops import box_iou
 
 import train
 import visualize
-from conftest import save_image, write
+
+from retinanet.anchors import Anchors
+from retinanet.data.datasets import CSVDataset
 from retinanet.diagnostics.anchor_fit import TARGET_COVERAGE, anchor_flags, fit_anchors, fit_report
-from retinanet.anchors import anchors_of
 from retinanet.diagnostics.check import dataset_boxes
-from retinanet.engine.checkpoint import read_checkpoint
 from retinanet.diagnostics.coverage import anchor_coverage, coverage_report, level_ious, shorter_sides
-from retinanet.dataloader import CSVDataset
+from retinanet.engine.checkpoint import read_checkpoint
 from retinanet.engine.drawing import CAPTION_HEIGHT, COVERED_COLOUR, UNCOVERED_COLOUR
 from retinanet.settings import ModelSettings
 
@@ -39,7 +40,7 @@ LABELS = [0, 1, 1, 0]
 
 def direct_best_ious(settings: ModelSettings) -> torch.Tensor:
     """Each box's best IoU over ALL anchors of its resized image, with torchvision's box_iou."""
-    anchors = anchors_of(settings)
+    anchors = Anchors(settings)
     best = []
     for box, (height, width), scale in zip(BOXES, IMAGE_SIZES, SCALES):
         resized = torch.tensor([box], dtype=torch.float64) * scale
@@ -92,7 +93,7 @@ def test_level_ious_are_box_iou_with_the_best_anchor_of_each_shape_on_each_level
     generator = torch.Generator().manual_seed(0)
     corners = torch.rand(50, 2, 2, generator=generator) * 100
     boxes = torch.cat([corners.amin(dim=1), corners.amax(dim=1) + 1], dim=1)  # (50, 4) in a 128 x 128 image
-    anchors = anchors_of(ModelSettings(num_classes=2))
+    anchors = Anchors(ModelSettings(num_classes=2))
     ious = level_ious(boxes, torch.tensor([[128, 128]] * 50), anchors)  # (L, G, A)
     every_anchor = box_iou(boxes, anchors.for_size(128, 128)).split(anchors.num_per_level(128, 128), dim=1)
     expected = [level.view(50, -1, anchors.num_anchors).amax(dim=1) for level in every_anchor]  # L x (G, A)
@@ -124,7 +125,7 @@ def test_tiny_objects_need_larger_images_and_the_fit_says_which():
     assert larger.settings.min_size > 400 and larger.settings.max_size == larger.settings.min_size
     assert covered(boxes, image_sizes, larger.settings) == larger.coverage >= TARGET_COVERAGE
     report = fit_report(boxes, image_sizes, settings)
-    assert f"no scales and ratios cover 95% at this image size" in report
+    assert "no scales and ratios cover 95% at this image size" in report
     assert f"--min_size {larger.settings.min_size} --max_size {larger.settings.max_size} --anchor_scales" in report
 
 

@@ -13,9 +13,10 @@ from PIL import Image
 from torch import nn
 
 import csv_eval
+
+from retinanet.data.datasets import CocoDataset, CSVDataset
 from retinanet.engine import coco_evaluation, evaluation
-from retinanet.dataloader import CocoDataset, CSVDataset
-from retinanet.engine.prediction import check_class_names, predict_dataset
+from retinanet.engine.batch_inference import check_class_names, predict_dataset
 from retinanet.transforms import build_transform
 
 
@@ -258,9 +259,10 @@ def test_class_names_of_model_and_dataset_must_agree():
         check_class_names(["dog", "cat"], ["cat", "dog"])
 
 
-def test_csv_eval_script_reports_a_missing_file_without_traceback(tmp_path, capsys):
+def test_csv_eval_script_reports_a_missing_file_without_traceback(trained_shapes_run, tmp_path, capsys):
     missing = str(tmp_path / "missing.csv")
-    arguments = ["--csv_annotations", missing, "--csv_classes", missing, "--model", "x.pt", "--device", "cpu"]
+    arguments = ["--csv_annotations", missing, "--csv_classes", missing, "--model", trained_shapes_run.checkpoint,
+                 "--device", "cpu"]  # the model is loaded first, then the dataset read
     status = csv_eval.main(arguments)
     assert status == 2
     error = capsys.readouterr().err
@@ -270,7 +272,7 @@ def test_csv_eval_script_reports_a_missing_file_without_traceback(tmp_path, caps
 def test_scripts_import_without_the_model_code(monkeypatch):
     for name in ("retinanet.model", "retinanet.engine.checkpoint"):
         monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: importing it raises ImportError
-    for name in ("csv_eval", "coco_eval", "retinanet.engine.evaluation", "retinanet.engine.coco_evaluation", "retinanet.engine.prediction",
+    for name in ("csv_eval", "coco_eval", "retinanet.engine.evaluation", "retinanet.engine.coco_evaluation", "retinanet.engine.batch_inference",
                  "retinanet.dataloader"):
         monkeypatch.delitem(sys.modules, name, raising=False)  # import these afresh; restored after the test
     importlib.import_module("retinanet.engine.evaluation")

@@ -9,10 +9,13 @@ import torch
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")  # torch.onnx.export(dynamo=True) translates the graph with it
 
-from retinanet.engine.checkpoint import load_model, save_checkpoint  # noqa: E402
-from retinanet.engine.export import NetworkOutputs  # noqa: E402
-from retinanet.model import resnet18  # noqa: E402
 from test_interop import load_tool  # noqa: E402
+
+from retinanet.engine.checkpoint import save_checkpoint  # noqa: E402
+from retinanet.engine.export import NetworkOutputs  # noqa: E402
+from retinanet.engine.models import load_model  # noqa: E402
+from retinanet.model import RetinaNet  # noqa: E402
+from retinanet.settings import ModelSettings  # noqa: E402
 
 CLASS_NAMES = ["circle", "square", "triangle"]
 
@@ -22,7 +25,7 @@ def exported(tmp_path_factory):
     """A ResNet-18 RetinaNet checkpoint, exported by tools/export_onnx.py: (model, ONNX Runtime session)."""
     root = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
-    model = resnet18(num_classes=len(CLASS_NAMES))
+    model = RetinaNet(ModelSettings(num_classes=len(CLASS_NAMES), depth=18))
     save_checkpoint({"model": model.state_dict(), "class_names": CLASS_NAMES, "model_settings": model.settings.as_dict()},
                     str(root / "model.pt"))
     assert load_tool("export_onnx").main([str(root / "model.pt"), str(root / "model.onnx")]) == 0
@@ -51,7 +54,7 @@ def test_the_onnx_file_says_its_classes_and_settings(exported):
 
 def test_detect_on_the_network_outputs_is_the_models_own_inference():
     torch.manual_seed(1)
-    model = resnet18(num_classes=len(CLASS_NAMES)).eval()
+    model = RetinaNet(ModelSettings(num_classes=len(CLASS_NAMES), depth=18)).eval()
     images = torch.randn(2, 3, 96, 128)
     with torch.no_grad():
         model.classification_subnet.output.bias.fill_(-2.5)  # scores near 0.08: detections to compare

@@ -4,7 +4,9 @@ import torchvision
 from torch import nn
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
-from retinanet.model import build_retinanet, freeze_backbone, resnet18
+from retinanet.engine.models import build_model
+from retinanet.model import RetinaNet, freeze_backbone
+from retinanet.settings import ModelSettings, initial_freezing
 
 
 def frozen_names(module: nn.Module) -> set[str]:
@@ -19,7 +21,7 @@ def stem_and_layer1_names(module: nn.Module) -> set[str]:
 @pytest.mark.parametrize("freeze_at", range(6))
 def test_freeze_at_freezes_what_torchvision_trainable_layers_does(freeze_at):
     # detectron2's FREEZE_AT = N is torchvision's trainable_backbone_layers = 5 - N; the ResNets share names.
-    model = resnet18(num_classes=3).backbone
+    model = RetinaNet(ModelSettings(num_classes=3, depth=18)).backbone
     freeze_backbone(model, freeze_at)
     reference = resnet_fpn_backbone(
         backbone_name="resnet18", weights=None, norm_layer=nn.BatchNorm2d, trainable_layers=5 - freeze_at
@@ -29,7 +31,7 @@ def test_freeze_at_freezes_what_torchvision_trainable_layers_does(freeze_at):
 
 
 def test_freeze_at_2_freezes_stem_and_layer1_and_keeps_their_gradients_empty():
-    model = resnet18(num_classes=3, freeze_at=2)
+    model = RetinaNet(ModelSettings(num_classes=3, depth=18, freeze_at=2))
     assert frozen_names(model) == stem_and_layer1_names(model)
     cls_loss, box_loss = model(torch.randn(2, 3, 64, 64), torch.tensor([[[8.0, 8.0, 40.0, 40.0, 1.0]]] * 2))
     (cls_loss + box_loss).backward()
@@ -37,16 +39,20 @@ def test_freeze_at_2_freezes_stem_and_layer1_and_keeps_their_gradients_empty():
     assert model.backbone.layer2[0].conv1.weight.grad is not None
 
 
-def test_freeze_at_defaults_to_2_with_pretrained_weights_and_0_from_scratch(tmp_path):
-    assert frozen_names(build_retinanet(18, num_classes=3)) == set()
+def test_freeze_at_is_2_for_pretrained_weights_and_0_from_scratch(tmp_path):
+    assert initial_freezing(False) == dict(freeze_bn=False, freeze_at=0)
+    assert initial_freezing(True) == dict(freeze_bn=True, freeze_at=2)
+    scratch = ModelSettings(num_classes=3, depth=18, **initial_freezing(False))
+    assert frozen_names(build_model(scratch)) == set()
     weights = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)
-    model = build_retinanet(18, num_classes=3, pretrained=str(weights), freeze_bn=False)
+    pretrained = ModelSettings(num_classes=3, depth=18, **initial_freezing(True)).replace(freeze_bn=False)
+    model = build_model(pretrained, pretrained=str(weights))
     assert frozen_names(model) == stem_and_layer1_names(model)
-    model = build_retinanet(18, num_classes=3, pretrained=str(weights), freeze_bn=False, freeze_at=0)
+    model = build_model(pretrained.replace(freeze_at=0), pretrained=str(weights))
     assert frozen_names(model) == set()
 
 
 def test_freeze_at_out_of_range_is_refused():
     with pytest.raises(ValueError, match="freeze_at"):
-        resnet18(num_classes=3, freeze_at=6)
+        ModelSettings(num_classes=3, depth=18, freeze_at=6)

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 import torch
+from conftest import CLASSES, save_image, write
 from PIL import Image
 
-from conftest import CLASSES, save_image, write
-from retinanet.dataloader import CSVDataset
+from retinanet.data.datasets import CSVDataset
 from retinanet.data.images import read_image_size, read_rgb_image
 
 

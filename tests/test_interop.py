@@ -17,11 +17,11 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import nms
 
 from retinanet.anchors import Anchors
-from retinanet.engine.checkpoint import RENAMED_PREFIXES, load_model, read_checkpoint
-from retinanet.engine.interop import coco_labels, convert_torchvision
-from retinanet.model import RetinaNet, resnet18
+from retinanet.engine.checkpoint import read_checkpoint
+from retinanet.engine.interop import YHENON_PREFIXES, coco_labels, convert_torchvision
+from retinanet.engine.models import load_model
+from retinanet.model import RetinaNet, normalize
 from retinanet.settings import ModelSettings
-from retinanet.transforms import normalize
 
 TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
 
@@ -132,7 +132,7 @@ def yhenon_detect(scores: torch.Tensor, deltas: torch.Tensor, anchors: torch.Ten
 
 def yhenon_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state dict of this project with yhenon's parameter names (conv1..., fpn.P5_1..., classificationModel...)."""
-    old_prefix = {new: old for old, new in RENAMED_PREFIXES.items()}
+    old_prefix = {new: old for old, new in YHENON_PREFIXES.items()}
     renamed = {}
     for key, value in state_dict.items():
         new = next(prefix for prefix in old_prefix if key.startswith(prefix))
@@ -144,7 +144,7 @@ def yhenon_like_state_dict() -> dict[str, torch.Tensor]:
     """A ResNet-18 RetinaNet state dict, with yhenon's names, whose detections on random images are few, on
     several pyramid levels."""
     torch.manual_seed(0)
-    model = resnet18(num_classes=3)
+    model = RetinaNet(ModelSettings(num_classes=3, depth=18))
     with torch.no_grad():
         for subnet in (model.classification_subnet, model.box_subnet):
             for layer in (subnet.conv1, subnet.conv2, subnet.conv3, subnet.conv4, subnet.output):
@@ -182,7 +182,7 @@ def test_a_dataparallel_state_dict_detects_as_yhenons_inference(tmp_path):
 
 def test_a_pickled_whole_model_is_refused_with_how_to_save_its_state_dict(tmp_path):
     path = tmp_path / "model_final.pt"
-    torch.save(resnet18(num_classes=2), path)  # what yhenon's train.py does: torch.save(retinanet.module, ...)
+    torch.save(RetinaNet(ModelSettings(num_classes=2, depth=18)), path)  # what yhenon's train.py does: torch.save(retinanet.module, ...)
     with pytest.raises(ValueError, match="refused") as error:
         load_model(str(path))
     message = str(error.value)
@@ -260,7 +260,7 @@ def test_torchvision_coco_weights_convert_and_detect_as_in_torchvision(tmp_path)
 
 
 def test_torchvision_anchors_by_hand_and_against_its_anchor_generator():
-    anchors = Anchors(centre_offset=0.0, integer_anchors=True)
+    anchors = Anchors(ModelSettings(num_classes=1, anchor_centre_offset=0.0, integer_anchors=True))
     # P3, sides int(32 * 2^(k/3)) = 32, 40, 50. Ratio 1/2, side s: width s / sqrt(1/2), height s * sqrt(1/2),
     # corners at half of those, rounded. Cell (0, 0) is centred on (0, 0), its corner.
     p3 = anchors.per_level(128, 128)[0]

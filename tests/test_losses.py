@@ -6,14 +6,7 @@ import torch.nn.functional as F
 from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
 from retinanet.boxes import MAX_LOG_SCALE, batched_box_iou, decode, encode
-from retinanet.losses import (
-    BACKGROUND,
-    IGNORED,
-    RetinaNetLoss,
-    focal_loss,
-    generalized_iou_loss,
-    match_batch,
-)
+from retinanet.losses import BACKGROUND, IGNORED, RetinaNetLoss, focal_loss, generalized_iou_loss, match_batch
 from retinanet.settings import BOX_CODINGS, ModelSettings
 
 YHENON_STD = BOX_CODINGS["yhenon"][0]  # (0.1, 0.1, 0.2, 0.2)

@@ -5,23 +5,24 @@ import urllib.error
 import pytest
 import torch
 import torchvision
+from test_interop import assert_same_detections
 
 from retinanet.engine.checkpoint import model_state_dict
-from retinanet.model import RetinaNet, WeightsUnavailableError, build_retinanet, resnet18, resnet50
-from retinanet.settings import ModelSettings
-from test_interop import assert_same_detections
+from retinanet.engine.models import WeightsUnavailableError, build_model
+from retinanet.model import RetinaNet
+from retinanet.settings import ModelSettings, initial_freezing
 
 
 @pytest.fixture(scope="module")
 def small_model():
     torch.manual_seed(0)
-    return resnet18(num_classes=3)
+    return RetinaNet(ModelSettings(num_classes=3, depth=18))
 
 
 def test_prior_initialization_gives_probability_pi(small_model):
     bias = small_model.classification_subnet.output.bias
     torch.testing.assert_close(torch.sigmoid(bias), torch.full_like(bias, 0.01))
-    model = resnet18(num_classes=2, prior=0.1)
+    model = RetinaNet(ModelSettings(num_classes=2, depth=18, prior=0.1))
     torch.testing.assert_close(torch.sigmoid(model.classification_subnet.output.bias), torch.full((18,), 0.1))
     # With σ = 0.01 weights, every anchor starts out near π: the point of the prior (§3.3, §4.1).
     small_model.eval()
@@ -52,7 +53,7 @@ def test_head_output_shapes_follow_the_anchor_order(small_model):
 
 
 def test_frozen_batchnorm_stays_frozen_after_train():
-    model = resnet18(num_classes=2, freeze_bn=True)
+    model = RetinaNet(ModelSettings(num_classes=2, depth=18, freeze_bn=True))
     model.train()
     batchnorms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert batchnorms and all(not bn.training for bn in batchnorms)
@@ -63,7 +64,7 @@ def test_frozen_batchnorm_stays_frozen_after_train():
 
 
 def test_batchnorm_trains_from_scratch_by_default():
-    model = resnet18(num_classes=2)
+    model = RetinaNet(ModelSettings(num_classes=2, depth=18))
     model.train()
     assert not model.settings.freeze_bn and model.backbone.bn1.training and model.backbone.bn1.weight.requires_grad
 
@@ -72,16 +73,17 @@ def test_pretrained_from_a_local_file_loads_the_backbone(tmp_path):
     reference = torchvision.models.resnet18()
     path = tmp_path / "resnet18.pth"
     torch.save(reference.state_dict(), path)
-    model = resnet18(num_classes=2, pretrained=str(path))
+    model = build_model(ModelSettings(num_classes=2, depth=18, **initial_freezing(True)), pretrained=str(path))
     torch.testing.assert_close(model.backbone.layer3[1].conv2.weight, reference.layer3[1].conv2.weight)
-    assert model.settings.freeze_bn  # pretrained -> frozen BatchNorm by default
+    # the freezing of weights that start trained: frozen BatchNorm
+    assert model.settings.freeze_bn and not model.backbone.bn1.weight.requires_grad
 
 
 def test_pretrained_of_the_wrong_depth_is_refused(tmp_path):
     path = tmp_path / "resnet34.pth"
     torch.save(torchvision.models.resnet34().state_dict(), path)
     with pytest.raises(ValueError, match="ResNet-18"):
-        resnet18(num_classes=2, pretrained=str(path))
+        build_model(ModelSettings(num_classes=2, depth=18), pretrained=str(path))
 
 
 def test_invalid_depth_and_classes_are_refused():
@@ -107,7 +109,7 @@ def yhenon_keys_and_shapes(num_classes: int) -> dict[str, tuple]:
 
 
 def test_state_dict_is_compatible_with_yhenon_checkpoints():
-    model = resnet50(num_classes=80)
+    model = RetinaNet(ModelSettings(num_classes=80, depth=50))
     expected = yhenon_keys_and_shapes(80)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state = {k: torch.randn(shape) if len(shape) else torch.tensor(0) for k, shape in expected.items()}
@@ -178,7 +180,7 @@ def test_detect_clips_each_image_to_its_own_size_and_drops_boxes_in_its_padding(
 
 def test_batched_inference_of_images_of_different_sizes_equals_one_image_at_a_time():
     torch.manual_seed(0)
-    model = resnet18(num_classes=3).eval()
+    model = RetinaNet(ModelSettings(num_classes=3, depth=18)).eval()
     with torch.no_grad():
         model.classification_subnet.output.bias.fill_(-2.0)  # scores near 0.12: many detections, everywhere
     sizes = torch.tensor([[96, 128], [64, 64], [128, 96]])  # (height, width) of three images in one padded batch
@@ -209,7 +211,7 @@ def test_eval_forward_format_for_a_batch_of_two(small_model):
 
 def test_model_overfits_one_tiny_batch():
     torch.manual_seed(0)
-    model = build_retinanet(18, num_classes=2)
+    model = RetinaNet(ModelSettings(num_classes=2, depth=18))
     images = torch.randn(2, 3, 96, 96)
     annotations = torch.tensor(
         [[[10.0, 10.0, 50.0, 60.0, 0.0], [60.0, 40.0, 90.0, 90.0, 1.0]],
@@ -234,7 +236,7 @@ def test_offline_pretrained_download_fails_with_a_helpful_message(monkeypatch):
 
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", no_network)
     with pytest.raises(WeightsUnavailableError) as error:
-        resnet18(num_classes=2, pretrained=True)
+        build_model(ModelSettings(num_classes=2, depth=18), pretrained=True)
     message = str(error.value)
     assert "resnet18-f37072fd.pth" in message  # the file to fetch
     assert "from scratch" in message and "--no_pretrained" in message and "pretrained='PATH'" in message

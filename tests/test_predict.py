@@ -1,4 +1,4 @@
-"""Tests of predict.py and retinanet/prediction_files.py: which images the inputs name, the CSV and JSON files
+"""Tests of predict.py and retinanet/engine/detection_files.py: which images the inputs name, the CSV and JSON files
 against the model's own detections, images that cannot be read, and (slow) tiled against whole-image prediction with
 a RetinaNet trained by train.py on small objects."""
 
@@ -9,20 +9,23 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import save_image
+from small_objects import save_scene, scatter_objects, write_training_set
+from test_tiling import truncated_png
 from torchvision.ops import box_iou
 
 import predict
 import train
-from conftest import save_image
+
 from retinanet.data.annotations import read_csv_image_paths
-from retinanet.engine.checkpoint import load_model
-from retinanet.engine.drawing import image_folder_dataset
+from retinanet.data.datasets import ImageFileDataset
 from retinanet.data.images import find_images
-from retinanet.engine.prediction import load_for_inference, predict_dataset
+from retinanet.engine.batch_inference import predict_dataset
+from retinanet.engine.checkpoint import read_checkpoint
 from retinanet.engine.detection_files import collect_images
+from retinanet.engine.flags import given
+from retinanet.engine.models import load_model
 from retinanet.transforms import build_transform
-from small_objects import save_scene, scatter_objects, write_training_set
-from test_tiling import truncated_png
 
 NUM_VAL_IMAGES = 4  # the shapes validation images of trained_shapes_run
 
@@ -69,7 +72,7 @@ def test_csv_holds_the_models_detections_in_original_pixels_and_json_the_same(tr
     model, class_names = load_model(trained_shapes_run.checkpoint, "cpu", score_threshold=0.001)
     paths = find_images(images)
     transform = build_transform(False, model.settings.min_size, model.settings.max_size)
-    dataset = image_folder_dataset(paths, class_names, transform)
+    dataset = ImageFileDataset(paths, [np.zeros((0, 5), np.float32)] * len(paths), class_names, transform)
     expected = [(path, *box, class_names[label], score) for path, prediction in
                 zip(paths, predict_dataset(model, dataset, batch_size=2))
                 for box, label, score in zip(prediction["boxes"].tolist(), prediction["labels"], prediction["scores"])]
@@ -121,10 +124,19 @@ def test_unreadable_images_are_named_skipped_and_exit_with_status_1(trained_shap
 
 
 def test_image_sizes_given_for_inference_are_the_models_settings_and_the_datasets_resize(trained_shapes_run):
-    dataset = image_folder_dataset(find_images(os.path.join(trained_shapes_run.data_dir, "images", "val")), [])
-    model = load_for_inference(trained_shapes_run.checkpoint, dataset, "cpu", min_size=48, max_size=72).model
+    paths = find_images(os.path.join(trained_shapes_run.data_dir, "images", "val"))
+    # as the scripts load a model: the flags typed (not None) replace the checkpoint's settings, the others stay
+    model = load_model(trained_shapes_run.checkpoint, "cpu",
+                       **given(min_size=48, max_size=72, score_threshold=None)).model
     assert (model.settings.min_size, model.settings.max_size) == (48, 72)
+    trained = read_checkpoint(trained_shapes_run.checkpoint)["model_settings"]
+    assert (trained["min_size"], trained["max_size"]) == (96, 96)
+    assert model.settings.score_threshold == trained["score_threshold"] == 0.05
+    transform = build_transform(False, model.settings.min_size, model.settings.max_size)
+    dataset = ImageFileDataset(paths, [np.zeros((0, 5), np.float32)] * len(paths), [], transform)
     assert (dataset.transform.resize.min_size, dataset.transform.resize.max_size) == (48, 72)
+    item = dataset[0]
+    assert item["original_size"] == (160, 160) and item["image"].shape == (3, 48, 48) and item["scale"] == pytest.approx(0.3)
 
 
 def test_an_output_of_another_format_stops_before_the_model_is_read(tmp_path, capsys):

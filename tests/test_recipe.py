@@ -6,22 +6,17 @@ import os
 import pytest
 import torch
 import torchvision
+from conftest import tiny_run_flags
 
 import csv_eval
 import train
-from conftest import tiny_run_flags
+
 from retinanet.boxes import decode, encode
-from retinanet.engine.checkpoint import (
-    RENAMED_PREFIXES,
-    checkpoint_settings,
-    load_model,
-    model_from_checkpoint,
-    read_checkpoint,
-    save_checkpoint,
-)
+from retinanet.engine.checkpoint import checkpoint_settings, read_checkpoint, save_checkpoint
 from retinanet.engine.interop import convert_torchvision
-from retinanet.model import resnet18
-from retinanet.settings import BOX_CODINGS
+from retinanet.engine.models import load_model
+from retinanet.model import RetinaNet
+from retinanet.settings import ModelSettings
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +30,7 @@ def converted_torchvision(tmp_path_factory) -> str:
 
 
 def test_a_model_trains_with_the_box_coding_it_detects_with(converted_torchvision):
-    model = model_from_checkpoint(read_checkpoint(converted_torchvision), num_classes=5)
+    model = load_model(read_checkpoint(converted_torchvision), num_classes=5).model
     assert model.settings.box_coder_std == (1.0, 1.0, 1.0, 1.0) and model.settings.p6_from == "p5"
     assert model.loss.settings is model.settings  # the loss is the model's own: it cannot disagree
     # A perfectly learnt offset (the loss's regression target) decodes, at inference, to the box itself.
@@ -85,44 +80,22 @@ def test_resume_keeps_the_checkpoints_recipe_and_names_a_contradicting_flag(trai
 def test_fine_tuning_keeps_a_recipe_that_fixes_shapes_and_refuses_to_change_it(converted_torchvision):
     checkpoint = read_checkpoint(converted_torchvision)
     with pytest.raises(ValueError, match=r"fix depth 50 \(not 18\)"):
-        model_from_checkpoint(checkpoint, num_classes=2, depth=18)
+        load_model(checkpoint, num_classes=2, depth=18)
     with pytest.raises(ValueError, match="num_anchors"):
-        model_from_checkpoint(checkpoint, num_classes=2, anchor_ratios=(1.0,))
-    tuned = model_from_checkpoint(checkpoint, num_classes=2, min_size=512, box_loss="giou")
+        load_model(checkpoint, num_classes=2, anchor_ratios=(1.0,))
+    tuned = load_model(checkpoint, num_classes=2, min_size=512, box_loss="giou").model
     assert (tuned.settings.min_size, tuned.settings.box_loss, tuned.settings.p6_from) == (512, "giou", "p5")
 
 
 def test_new_classes_start_from_the_prior_and_everything_else_from_the_checkpoint():
     torch.manual_seed(0)
-    source = resnet18(num_classes=3)
+    source = RetinaNet(ModelSettings(num_classes=3, depth=18))
     checkpoint = {"model": source.state_dict(), "model_settings": source.settings.as_dict()}
-    tuned = model_from_checkpoint(checkpoint, num_classes=7)
+    tuned, class_names = load_model(checkpoint, num_classes=7)
+    assert class_names == ["0", "1", "2", "3", "4", "5", "6"]  # the new classes are not named yet
     bias = tuned.classification_subnet.output.bias
     assert bias.shape == (9 * 7,)
     torch.testing.assert_close(torch.sigmoid(bias), torch.full_like(bias, 0.01))  # π = 0.01
     torch.testing.assert_close(tuned.box_subnet.output.weight, source.box_subnet.output.weight)
     torch.testing.assert_close(tuned.classification_subnet.conv4.weight, source.classification_subnet.conv4.weight)
 
-
-def old_checkpoint(model_settings: dict, args: dict) -> dict:
-    """A checkpoint as this project wrote them before every setting was a model setting: yhenon's names."""
-    state = resnet18(num_classes=model_settings["num_classes"]).state_dict()
-    old_prefix = {new: old for old, new in RENAMED_PREFIXES.items()}
-    renamed = {}
-    for key, value in state.items():
-        new = next(prefix for prefix in old_prefix if key.startswith(prefix))
-        renamed[old_prefix[new] + key[len(new):]] = value
-    return {"model": renamed, "model_settings": model_settings, "args": args}
-
-
-def test_older_checkpoints_keep_the_recipe_they_were_trained_with():
-    # Their box coding was (0.1, 0.1, 0.2, 0.2) with β = 1/9; image size and freezing came from the flags.
-    model_settings = dict(num_classes=2, depth=18, prior=0.01, score_threshold=0.05, topk_candidates=1000,
-                          nms_threshold=0.5, max_detections=100, box_coder_std=(0.1, 0.1, 0.2, 0.2),
-                          anchor_centre_offset=0.5, integer_anchors=False, p6_from="c5")
-    args = dict(min_size=608, max_size=1024, box_loss="giou", loss_normalizer="ema", pretrained=True, freeze_at=None,
-                fine_tune=None)
-    settings = model_from_checkpoint(old_checkpoint(model_settings, args)).settings
-    assert (settings.box_coder_std, settings.smooth_l1_beta) == BOX_CODINGS["yhenon"]
-    assert (settings.min_size, settings.max_size, settings.box_loss, settings.loss_normalizer) == (608, 1024, "giou", "ema")
-    assert settings.freeze_bn and settings.freeze_at == 2  # started from ImageNet weights

@@ -10,10 +10,11 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_run_flags
 from PIL import Image
 
 import train
-from conftest import tiny_run_flags
+
 from retinanet.engine.checkpoint import read_checkpoint
 from retinanet.losses import RetinaNetLoss
 

@@ -11,6 +11,7 @@ from PIL import Image
 import coco_eval
 import csv_eval
 import visualize
+
 from retinanet.engine.drawing import CAPTION_HEIGHT
 
 SHAPES_IMAGE_SIZE = 160  # make_shapes_dataset's default, used by train.py

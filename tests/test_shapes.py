@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from retinanet.data import shapes
-from retinanet.dataloader import CocoDataset, CSVDataset
+from retinanet.data.datasets import CocoDataset, CSVDataset
 from retinanet.data.images import read_rgb_image
 from retinanet.data.shapes import make_shapes_dataset
 

@@ -5,11 +5,14 @@ GPU's host wait (reading a value, a data-dependent size, a boolean-mask selectio
 import pytest
 import torch
 
-from retinanet import inference
-from retinanet.model import resnet18
-from retinanet.optimization import build_optimizer
-from retinanet.training import TrainStep
 from tools.benchmark import HostWaits
+
+from retinanet import inference
+from retinanet.model import RetinaNet
+from retinanet.optimization import build_optimizer
+from retinanet.settings import ModelSettings
+from retinanet.training import TrainStep
+
 
 def batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(size)
@@ -23,7 +26,7 @@ def batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("settings", [dict(), dict(box_loss="giou", loss_normalizer="ema")])
 def test_forward_loss_and_backward_never_wait_for_the_device(settings):
     torch.manual_seed(0)
-    model = resnet18(num_classes=3, **settings)
+    model = RetinaNet(ModelSettings(num_classes=3, depth=18, **settings))
     images, annotations = batch(2)
     for _ in range(2):  # the first step builds the anchors of this size; the second is the steady state
         with HostWaits() as waits:
@@ -34,7 +37,7 @@ def test_forward_loss_and_backward_never_wait_for_the_device(settings):
 
 def test_a_training_step_reads_from_the_device_once():
     torch.manual_seed(0)
-    model = resnet18(num_classes=3)
+    model = RetinaNet(ModelSettings(num_classes=3, depth=18))
     optimizer = build_optimizer(model, "sgd", lr=0.01)
     step = TrainStep(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"),
                      amp_dtype=torch.bfloat16, clip_grad=10.0)
@@ -49,7 +52,7 @@ def test_a_training_step_reads_from_the_device_once():
 def test_inference_waits_as_often_for_one_image_as_for_four(monkeypatch):
     monkeypatch.setattr(inference, "nms_within_groups", inference.nms_in_one_call)  # as on a GPU
     torch.manual_seed(0)
-    model = resnet18(num_classes=3).eval()
+    model = RetinaNet(ModelSettings(num_classes=3, depth=18)).eval()
     with torch.no_grad():
         model.classification_subnet.output.bias.fill_(-2.0)  # detections in every image: NMS has work
     found = {}
@@ -69,7 +72,7 @@ def test_inference_waits_as_often_for_one_image_as_for_four(monkeypatch):
 def test_inference_without_image_sizes_waits_no_more_and_detects_the_same(monkeypatch):
     monkeypatch.setattr(inference, "nms_within_groups", inference.nms_in_one_call)  # as on a GPU
     torch.manual_seed(0)
-    model = resnet18(num_classes=3).eval()
+    model = RetinaNet(ModelSettings(num_classes=3, depth=18)).eval()
     with torch.no_grad():
         model.classification_subnet.output.bias.fill_(-2.0)
     images, _ = batch(2)

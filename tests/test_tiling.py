@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from small_objects import CLASS_NAMES, BrightBlobDetector, save_scene, scatter_objects
 from torchvision.ops import box_iou
 
 from retinanet.engine import tiling
-from retinanet.engine.prediction import predict_dataset
+from retinanet.engine.batch_inference import predict_dataset
 from retinanet.transforms import resize_image
-from small_objects import CLASS_NAMES, BrightBlobDetector, save_scene, scatter_objects
 
 LARGE_HEIGHT, LARGE_WIDTH = 1800, 2400
 TILE, OVERLAP = 256, 0.5  # tiles of 256 pixels seen by a model of min_size 64 at scale 1/4; 128-pixel overlaps

@@ -4,15 +4,16 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_run_flags
 
 import train
-from conftest import tiny_run_flags
-from retinanet.engine.checkpoint import read_checkpoint, save_checkpoint
-from retinanet.model import build_retinanet
-from retinanet.optimization import ADAMW_LR, build_optimizer, lr_factor
-from retinanet.engine.runtime import resolve_device
-from retinanet.settings import ModelSettings
+
 from retinanet.data.shapes import make_shapes_dataset
+from retinanet.engine.checkpoint import read_checkpoint, save_checkpoint
+from retinanet.engine.runtime import resolve_device
+from retinanet.model import RetinaNet
+from retinanet.optimization import ADAMW_LR, build_optimizer, lr_factor
+from retinanet.settings import ModelSettings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +37,9 @@ def test_default_milestones_are_the_papers_60k_and_80k_of_90k():
 def test_dataset_defaults_and_linear_lr_scaling():
     args = train.parse_args(["--dataset", "coco", "--coco_path", "x", "--batch_size", "8"])
     config = train.settle(args, world_size=4)
-    assert (config.depth, config.optimizer, config.min_size, config.max_size, config.iters) == (50, "sgd", 800, 1333, 90_000)
+    assert (config.depth, config.optimizer, config.iters) == (50, "sgd", 90_000)
+    settings = train.model_settings(args, config, checkpoint=None, num_classes=80)
+    assert (settings.depth, settings.min_size, settings.max_size) == (50, 800, 1333)  # the paper's image size
     assert config.lr == pytest.approx(0.02)  # 0.01 x (8 x 4) / 16
     assert args.lr is None and args.depth is None  # the flags as typed: settling writes nothing back
     demo = train.settle(train.parse_args([]), world_size=1)
@@ -148,24 +151,25 @@ def test_the_demo_learns(tmp_path):
     assert read_checkpoint(str(tmp_path / "out" / "best.pt"))["best_map"] > 0.4
 
 
-def build_model(argv: list[str], num_classes: int):
+def model_for_flags(argv: list[str], num_classes: int):
     """train.py's model for these flags, as its main builds it."""
     args = train.parse_args(argv)
     config = train.settle(args, world_size=1)
     checkpoint = read_checkpoint(args.resume or args.fine_tune) if args.resume or args.fine_tune else None
-    settings = ModelSettings(**train.settle_recipe(args, config, checkpoint) | {"num_classes": num_classes})
-    return train.build_model(args, config, checkpoint, settings)
+    settings = train.model_settings(args, config, checkpoint, num_classes)
+    return train.model_to_train(args, config, checkpoint, settings)
 
 
 def test_resume_rebuilds_a_pretrained_run_frozen_as_it_was_without_fetching_imagenet_weights(monkeypatch, tmp_path):
     def no_download(*args):
         raise AssertionError("resuming must not fetch ImageNet weights: the checkpoint replaces them")
 
-    monkeypatch.setattr("retinanet.model.imagenet_state_dict", no_download)
-    pretrained_run = build_retinanet(18, num_classes=3, freeze_bn=True, freeze_at=2)  # as one from ImageNet weights
+    monkeypatch.setattr("retinanet.engine.models.imagenet_state_dict", no_download)
+    # as a run from ImageNet weights
+    pretrained_run = RetinaNet(ModelSettings(num_classes=3, depth=18, freeze_bn=True, freeze_at=2))
     save_checkpoint({"model": pretrained_run.state_dict(), "model_settings": pretrained_run.settings.as_dict()},
                     str(tmp_path / "last.pt"))
-    model = build_model(["--dataset", "csv", "--csv_train", "t.csv", "--csv_classes", "c.csv", "--depth", "18",
+    model = model_for_flags(["--dataset", "csv", "--csv_train", "t.csv", "--csv_classes", "c.csv", "--depth", "18",
                          "--resume", str(tmp_path / "last.pt")], num_classes=3)  # the CSV default: pretrained
     assert model.settings.freeze_bn  # as the pretrained run it resumes
     assert not model.backbone.layer1[0].conv1.weight.requires_grad and model.backbone.layer2[0].conv1.weight.requires_grad
@@ -173,13 +177,13 @@ def test_resume_rebuilds_a_pretrained_run_frozen_as_it_was_without_fetching_imag
 
 def test_fine_tuning_freezes_batchnorm_and_the_first_stage_as_for_pretrained_weights(tmp_path):
     path = tmp_path / "source.pt"
-    torch.save(build_retinanet(18, num_classes=5).state_dict(), path)
+    torch.save(RetinaNet(ModelSettings(num_classes=5, depth=18)).state_dict(), path)
     flags = ["--dataset", "csv", "--csv_train", "t.csv", "--csv_classes", "c.csv", "--fine_tune", str(path)]
-    model = build_model(flags, num_classes=2)
+    model = model_for_flags(flags, num_classes=2)
     assert model.num_classes == 2 and model.settings.freeze_bn
     assert not model.backbone.conv1.weight.requires_grad and not model.backbone.layer1[1].conv2.weight.requires_grad
     assert model.backbone.layer2[0].conv1.weight.requires_grad
-    assert build_model(flags + ["--freeze_at", "0"], num_classes=2).backbone.conv1.weight.requires_grad
+    assert model_for_flags(flags + ["--freeze_at", "0"], num_classes=2).backbone.conv1.weight.requires_grad
 
 
 def test_an_unusable_device_is_a_message_not_a_traceback(tmp_path):
@@ -218,7 +222,7 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
 @pytest.mark.slow
 def test_evaluation_shared_by_two_processes_gives_the_map_of_one(tmp_path):
     torch.manual_seed(0)
-    model = build_retinanet(18, num_classes=5, min_size=96, max_size=96)
+    model = RetinaNet(ModelSettings(num_classes=5, depth=18, min_size=96, max_size=96))
     with torch.no_grad():
         model.classification_subnet.output.bias.fill_(-2.0)  # many detections, some on the shapes: mAP > 0
     checkpoint = str(tmp_path / "model.pt")

@@ -1,17 +1,10 @@
 import pytest
 import torch
-
 from conftest import CLASSES, save_image, write
-from retinanet.dataloader import CSVDataset
-from retinanet.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    MEAN_COLOUR,
-    RandomHorizontalFlip,
-    Resize,
-    build_transform,
-    normalize,
-)
+
+from retinanet.data.datasets import CSVDataset
+from retinanet.model import IMAGENET_MEAN, IMAGENET_STD, normalize
+from retinanet.transforms import MEAN_COLOUR, RandomHorizontalFlip, Resize, build_transform
 
 
 def test_resize_scales_shorter_side_and_boxes_by_the_reported_factor():

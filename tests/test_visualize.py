@@ -1,19 +1,24 @@
-"""Tests of retinanet/drawing.py and visualize.py without a trained model: the drawing on synthetic images, the
+"""Tests of retinanet/engine/drawing.py and visualize.py without a trained model: the drawing on synthetic images, the
 files written for a folder of images and for an annotated set (with a detector that returns fixed boxes), and the
-errors a user can cause. tests/test_scripts.py runs the script end to end with a trained checkpoint."""
+errors a user can cause (those found after the model is loaded with the session's short training run).
+tests/test_scripts.py runs the script end to end with a trained checkpoint."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_voc import voc_xml
 from torch import nn
 
 import visualize
-from retinanet.engine import drawing
-from retinanet.dataloader import AspectRatioBatchSampler, CSVDataset, VOCDataset
+
+from retinanet.data.augmentations import Augmentation
+from retinanet.data.datasets import CSVDataset, ImageFileDataset, VOCDataset
 from retinanet.data.images import read_rgb_image
+from retinanet.dataloader import AspectRatioBatchSampler
+from retinanet.engine import drawing
+from retinanet.settings import ModelSettings
 from retinanet.transforms import build_transform
-from test_voc import voc_xml
 
 CLASS_NAMES = ["cat", "dog", "cow"]
 GRAY = 100  # the value of every pixel of the synthetic images
@@ -29,11 +34,13 @@ def color_at(image: torch.Tensor, x: int, y: int) -> tuple[int, ...]:
 
 class FixedDetector(nn.Module):
     """Finds the same two objects in every image, in input pixels: a dog at (4, 6, 24, 30) with score 0.9 and a
-    cat at (2, 34, 12, 44) with score 0.3. With the default transform (no resize) input pixels are image pixels."""
+    cat at (2, 34, 12, 44) with score 0.3. With the default transform (no resize) input pixels are image pixels;
+    plain images (visualize_images) are resized by its settings, at scale 1 where their shorter side is 40."""
 
     def __init__(self):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1))  # predict_dataset reads the device from the parameters
+        self.settings = ModelSettings(num_classes=len(CLASS_NAMES), min_size=40, max_size=1000)
 
     def forward(self, images: torch.Tensor, image_sizes=None) -> list[dict[str, torch.Tensor]]:
         return [{"boxes": torch.tensor([[4.0, 6.0, 24.0, 30.0], [2.0, 34.0, 12.0, 44.0]]),
@@ -121,12 +128,12 @@ def test_folder_of_images_gives_one_drawing_per_image_at_its_size(tmp_path):
     save_gray(tmp_path / "in" / "b.png", 40, 50)
     save_gray(tmp_path / "in" / "c.bmp", 60, 48)
     (tmp_path / "in" / "notes.txt").write_text("not an image")
-    dataset = drawing.image_folder_dataset(visualize.find_images(str(tmp_path / "in")), CLASS_NAMES)
-    paths = drawing.visualize_dataset(FixedDetector().eval(), dataset, str(tmp_path / "out"))
+    image_paths = visualize.find_images(str(tmp_path / "in"))
+    paths = drawing.visualize_images(FixedDetector().eval(), CLASS_NAMES, image_paths, str(tmp_path / "out"))
     assert paths == [str(tmp_path / "out" / name) for name in ("a.jpg", "b.png", "c.png")]
     formats_and_sizes = [(Image.open(path).format, Image.open(path).size) for path in paths]
     assert formats_and_sizes == [("JPEG", (48, 64)), ("PNG", (40, 50)), ("PNG", (60, 48))]
-    drawn = np.asarray(Image.open(paths[1]))  # (H, W, 3), lossless
+    drawn = np.asarray(Image.open(paths[1]))  # (H, W, 3), lossless; b.png, 40 pixels wide, is seen at scale 1
     assert tuple(drawn[20, 4]) == drawing.class_colors(3)[1]  # the dog at score 0.9
     assert tuple(drawn[40, 2]) == (GRAY,) * 3  # not the cat at 0.3, below the threshold 0.5
 
@@ -147,23 +154,29 @@ def test_annotated_set_gives_ground_truth_next_to_predictions_for_limit_images(t
 def test_unreadable_image_is_a_value_error_naming_it(tmp_path):
     save_gray(tmp_path / "in" / "good.png", 32, 32)
     (tmp_path / "in" / "broken.png").write_bytes(b"not a png")
-    dataset = drawing.image_folder_dataset(visualize.find_images(str(tmp_path / "in")), CLASS_NAMES)
+    image_paths = visualize.find_images(str(tmp_path / "in"))
     with pytest.raises(ValueError, match="broken.png"):
-        drawing.visualize_dataset(FixedDetector().eval(), dataset, str(tmp_path / "out"))
+        drawing.visualize_images(FixedDetector().eval(), CLASS_NAMES, image_paths, str(tmp_path / "out"))
 
 
 def test_drawings_never_overwrite_the_input_images(tmp_path):
-    dataset = drawing.image_folder_dataset([save_gray(tmp_path / "a.png", 32, 32)], CLASS_NAMES)
+    image_paths = [save_gray(tmp_path / "a.png", 32, 32)]
+    with pytest.raises(ValueError, match="overwrite the input"):
+        drawing.visualize_images(FixedDetector().eval(), CLASS_NAMES, image_paths, str(tmp_path))
+    dataset = ImageFileDataset(image_paths, [np.zeros((0, 5), np.float32)], CLASS_NAMES)
     with pytest.raises(ValueError, match="overwrite the input"):
         drawing.visualize_dataset(FixedDetector().eval(), dataset, str(tmp_path))
 
 
 @pytest.mark.parametrize("folder, message", [("missing", "no such image file or folder"),
                                              ("empty", "no images found")])
-def test_missing_or_empty_folder_exits_with_status_2_and_no_traceback(tmp_path, capsys, folder, message):
+def test_missing_or_empty_folder_exits_with_status_2_and_no_traceback(trained_shapes_run, tmp_path, capsys, folder,
+                                                                    message):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
-    status = visualize.main(["--images", str(tmp_path / folder), "--model", str(tmp_path / "x.pt")])
+    # the model is loaded first, then the images looked for
+    status = visualize.main(["--images", str(tmp_path / folder), "--model", trained_shapes_run.checkpoint,
+                             "--device", "cpu"])
     assert status == 2
     error = capsys.readouterr().err
     assert error.startswith("visualize.py: error: ") and message in error and str(tmp_path / folder) in error
@@ -177,6 +190,7 @@ def test_missing_or_empty_folder_exits_with_status_2_and_no_traceback(tmp_path, 
     ["--model", "x.pt", "--dataset", "coco"],
     ["--augmented", "4", "--dataset", "voc"],  # no --voc_path
     ["--augmented", "4", "--model", "x.pt", "--images", "in"],  # training samples are drawn without a model
+    ["--model", "x.pt", "--images", "in", "--limit", "0"],  # at least one image
 ])
 def test_incomplete_or_contradictory_flags_are_refused(argv):
     with pytest.raises(SystemExit) as exit_info:
@@ -185,9 +199,12 @@ def test_incomplete_or_contradictory_flags_are_refused(argv):
 
 
 def test_bad_threshold_and_limit_are_value_errors(tmp_path):
-    dataset = drawing.image_folder_dataset([save_gray(tmp_path / "a.png", 32, 32)], CLASS_NAMES)
+    image_paths = [save_gray(tmp_path / "a.png", 32, 32)]
+    dataset = ImageFileDataset(image_paths, [np.zeros((0, 5), np.float32)], CLASS_NAMES)
     with pytest.raises(ValueError, match="score_threshold"):
         drawing.visualize_dataset(FixedDetector().eval(), dataset, str(tmp_path / "out"), 1.5)
+    with pytest.raises(ValueError, match="score_threshold"):
+        drawing.visualize_images(FixedDetector().eval(), CLASS_NAMES, image_paths, str(tmp_path / "out"), 1.5)
     with pytest.raises(ValueError, match="limit"):
         drawing.visualize_dataset(FixedDetector().eval(), dataset, str(tmp_path / "out"), limit=0)
 
@@ -206,7 +223,7 @@ def test_augmented_draws_the_first_training_samples_as_the_loop_receives_them(tm
             str(tmp_path / "drawn")]
     assert visualize.main(argv) == 0
     assert "saved 2 images" in capsys.readouterr().out
-    transform = build_transform(True, 30, 60, augment=["rot90", "vflip"])
+    transform = build_transform(True, 30, 60, augmentation=Augmentation(["rot90", "vflip"]))
     dataset = VOCDataset([str(tmp_path / "voc")], "trainval", transform=transform)
     sampler = AspectRatioBatchSampler([dataset.aspect_ratio(i) for i in range(3)], 2, seed=4, seed_items=True)
     first_batch = next(iter(sampler))

@@ -6,18 +6,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_eval import average_precisions
 
 import csv_eval
 import train
 import visualize
+
 from retinanet.data import voc
-from retinanet.engine import evaluation
-from retinanet.diagnostics.check import check_data, check_voc
-from retinanet.engine.checkpoint import read_checkpoint, save_checkpoint
-from retinanet.dataloader import VOCDataset
-from retinanet.model import resnet18
+from retinanet.data.datasets import VOCDataset
 from retinanet.data.voc import VOC_CLASSES, VOCSet, read_voc_set, run_class_names, training_sets
-from test_eval import average_precisions
+from retinanet.diagnostics.check import check_data, check_voc
+from retinanet.engine import evaluation
+from retinanet.engine.checkpoint import read_checkpoint, save_checkpoint
+from retinanet.model import RetinaNet
+from retinanet.settings import ModelSettings
 
 WIDTH, HEIGHT = 64, 48
 # id -> objects (name, (xmin, ymin, xmax, ymax) 1-based inclusive as VOC writes them, difficult, truncated)
@@ -122,7 +124,7 @@ def test_a_run_reads_each_xml_file_once_and_check_data_once_more(voc2007, monkey
 
     monkeypatch.setattr(voc, "parse_xml", counted_parse_xml)
     config = train.settle(train.parse_args(["--dataset", "voc", "--voc_path", str(voc2007)]), world_size=1)
-    train_set, val_set = train.build_datasets(config, (64, 64), rank=0, world_size=1)
+    train_set, val_set = train.build_datasets(config, rank=0, world_size=1)
     assert len(train_set) + len(val_set) == len(parsed) == 6 and train_set.class_names == ["cell", "nucleus"]
     parsed.clear()
     assert check_data(voc=train.voc_sets(config), workers=1) and len(parsed) == 6  # classes and check: one read
@@ -231,7 +233,7 @@ def test_ap_leaves_difficult_boxes_out_as_computed_by_hand(tmp_path):
 
 
 def test_a_voc_set_with_the_models_classes_reads_the_checkpoint_once(voc2007, tmp_path, monkeypatch):
-    model = resnet18(num_classes=2)
+    model = RetinaNet(ModelSettings(num_classes=2, depth=18))
     path = str(tmp_path / "model.pt")
     save_checkpoint({"model": model.state_dict(), "class_names": ["cell", "nucleus"],
                      "model_settings": model.settings.as_dict()}, path)

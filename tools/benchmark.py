@@ -58,11 +58,13 @@ from tqdm import tqdm
 # Run as a script (python tools/benchmark.py), Python puts tools/ on the path, not the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from retinanet.data.augmentations import AUGMENTATIONS  # noqa: E402
-from retinanet.dataloader import CSVDataset, collate  # noqa: E402
-from retinanet.model import build_retinanet  # noqa: E402
-from retinanet.optimization import build_optimizer  # noqa: E402
+from retinanet.data.augmentations import AUGMENTATIONS, Augmentation  # noqa: E402
+from retinanet.data.datasets import CSVDataset  # noqa: E402
+from retinanet.dataloader import collate  # noqa: E402
+from retinanet.engine.models import build_model  # noqa: E402
 from retinanet.engine.runtime import mixed_precision_dtype  # noqa: E402
+from retinanet.optimization import build_optimizer  # noqa: E402
+from retinanet.settings import ModelSettings  # noqa: E402
 from retinanet.training import TrainStep  # noqa: E402
 from retinanet.transforms import build_transform  # noqa: E402
 
@@ -151,10 +153,9 @@ def optimizer_of(model: nn.Module, args: argparse.Namespace) -> torch.optim.Opti
 
 def build_ours(args: argparse.Namespace, autocast_dtype: torch.dtype | None, device: torch.device) -> Detector:
     """This project's RetinaNet, trained by train.py's step."""
-    model = build_retinanet(
-        args.depth, args.num_classes, freeze_at=args.freeze_at, score_threshold=args.score_threshold,
-        max_detections=DETECTIONS_PER_IMAGE,
-    ).to(device)
+    settings = ModelSettings(num_classes=args.num_classes, depth=args.depth, freeze_at=args.freeze_at,
+                             score_threshold=args.score_threshold, max_detections=DETECTIONS_PER_IMAGE)
+    model = build_model(settings).to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     step = TrainStep(model, optimizer_of(model, args), scaler, device, autocast_dtype)
     return Detector(model, lambda batch: step(batch.images, batch.annotations, stop_requested=False), model)
@@ -322,8 +323,8 @@ def measure_data(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         annotation_file, class_file = write_jpeg_dataset(folder, num_batches * args.batch_size, args.num_classes)
         # The training transform, resized as the models' input: shorter side min(H, W), longer at most max(H, W).
-        transform = build_transform(train=True, min_size=min(args.image_size), max_size=max(args.image_size),
-                                    augment=args.augment)
+        transform = build_transform(True, min(args.image_size), max(args.image_size),
+                                    augmentation=Augmentation(args.augment))
         dataset = CSVDataset(annotation_file, class_file, transform=transform)
         loader = iter(DataLoader(dataset, batch_size=args.batch_size, num_workers=0, collate_fn=collate))
         reset_peak_memory(cpu)

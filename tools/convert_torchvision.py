@@ -3,7 +3,7 @@
     python tools/convert_torchvision.py retinanet_resnet50_fpn_coco-eeacb38b.pth retinanet_coco.pt
 
 The checkpoint loads wherever a trained one does (coco_eval.py, csv_eval.py, train.py --fine_tune) and detects as
-torchvision does: see retinanet/convert.py for the settings it carries and how labels map.
+torchvision does: see retinanet/engine/interop.py for the settings it carries and how labels map.
 """
 
 import argparse

@@ -15,9 +15,9 @@ import sys
 # Run as a script (python tools/export_onnx.py), Python puts tools/ on the path, not the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from retinanet.engine.checkpoint import load_model  # noqa: E402
-from retinanet.engine.flags import run_script  # noqa: E402
 from retinanet.engine.export import export_onnx  # noqa: E402
+from retinanet.engine.flags import run_script  # noqa: E402
+from retinanet.engine.models import load_model  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

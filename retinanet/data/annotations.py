@@ -1,9 +1,6 @@
 """Annotation files, read and checked: the CSV class list and box rows (yhenon/pytorch-retinanet's format) and COCO
-instances files, each problem a ValueError naming the file and the line or entry; and the clipping of boxes to
-their image. These are the ground-truth boxes that paper §4 ("Anchors") assigns anchors to, on COCO (§5) or a
-user's own data; the datasets (retinanet.dataloader) and the data check (retinanet.diagnostics.check) share them.
-
-Legend for shapes: N boxes.
+instances files, each problem a ValueError naming the file and the line or entry. The datasets (data/datasets.py)
+and the data check (diagnostics/check.py) share them.
 """
 
 import contextlib
@@ -13,11 +10,9 @@ import json
 import math
 import os
 import re
-import warnings
 from collections import Counter
 from typing import NamedTuple
 
-import numpy as np
 from pycocotools.coco import COCO
 
 from .images import require_file
@@ -219,28 +214,3 @@ def load_coco(annotation_file: str) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
-
-
-# -------------------------------------------------------------------------------------------------- clipping
-
-
-def clip_to_image(annotations: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 5) annotations with boxes clipped to the image, and the (N,) mask of those that keep some area."""
-    clipped = annotations.copy()
-    clipped[:, [0, 2]] = clipped[:, [0, 2]].clip(0, width)
-    clipped[:, [1, 3]] = clipped[:, [1, 3]].clip(0, height)
-    return clipped, (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
-
-
-def clip_annotations(
-    annotations: np.ndarray, height: int, width: int, image_path: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Clip (N, 5) boxes to the image; drop, with a warning naming the image, those left without area. Returns the
-    boxes kept and the (N,) mask of those kept, for whatever else follows each box."""
-    clipped, keep = clip_to_image(annotations, height, width)
-    if not keep.all():
-        warnings.warn(
-            f"{image_path}: dropped {int((~keep).sum())} box(es) lying outside the {width}x{height} image",
-            stacklevel=2,
-        )
-    return clipped[keep], keep

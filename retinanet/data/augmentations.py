@@ -4,11 +4,10 @@ little for a user's few hundred, and wrong for aerial or microscopy images, whic
 
 Built on torchvision.transforms.v2, which moves boxes (tv_tensors.BoundingBoxes) with their pixels; the labels and
 difficult flags of the boxes pass through untouched, in box order. The geometric augmentations run before the
-resize of retinanet.transforms (so that the image they make is resized to the model's size), the photometric one
-on the image before or after the resize, whichever is smaller (its cost is per pixel). A box that leaves the image
-is then clipped to it, and dropped with its label when no area is left, as for boxes of an annotation file
-(annotations.clip_to_image):
-the dataset does that after every transform. Random numbers come from torch's global generator, which the
+resize of transforms.py (so that the image they make is resized to the model's size), the photometric one on the
+image before or after the resize, whichever is smaller (its cost is per pixel). A box that leaves the image is then
+clipped to it, and dropped with its label when no area is left, as for boxes of an annotation file
+(dataloader.clip_to_image): the dataset does that after every transform. Random numbers come from torch's global generator, which the
 datasets seed per item, so that a resumed run sees the same augmentation.
 """
 
@@ -19,6 +18,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from ..transforms import MEAN_COLOUR
 
 # SSD's photometric distortions (torchvision's RandomPhotometricDistort), each applied to half of the images, without
 # its random swap of colour channels: a red object stays red.
@@ -77,9 +77,9 @@ def geometric_augmentations(names: Sequence[str], fill: tuple[int, int, int]) ->
 class Augmentation:
     """The augmentations named, from AUGMENTATIONS: `move` runs the geometric ones on an image and its target,
     `recolour` the photometric one on an image (each does nothing if none of its kind is named). `fill` is the
-    colour of zoom_out's canvas (the mean colour, which the model normalises to 0, as padding)."""
+    colour of zoom_out's canvas: the mean colour, which the model normalises to 0, as padding."""
 
-    def __init__(self, names: Sequence[str], fill: tuple[int, int, int]):
+    def __init__(self, names: Sequence[str], fill: tuple[int, int, int] = MEAN_COLOUR):
         unknown = sorted(set(names) - set(AUGMENTATIONS))
         if unknown:
             raise ValueError(f"unknown augmentation(s) {unknown}; expected some of {list(AUGMENTATIONS)}")
@@ -88,7 +88,7 @@ class Augmentation:
         self.photometric = photometric() if "photometric" in names else None
 
     def move(self, image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
-        """(3, H, W) uint8 image and its target (retinanet.transforms.Target) -> the same, moved: (3, H', W') and the
+        """(3, H, W) uint8 image and its target (transforms.Target) -> the same, moved: (3, H', W') and the
         target's boxes with it, the rest of the target as it was."""
         if self.geometric is None:
             return image, target

@@ -1,7 +1,6 @@
 """Image files: finding them, reading their size, decoding them into RGB tensors, and turning every way a file can
 be unreadable (missing, a directory, undecodable, truncated, a decompression bomb) into a ValueError that names it.
-These are the images the detector of paper §4 trains and runs on (§4.1 "Inference and Training"), as they are on
-disk; retinanet.transforms then resizes, flips and normalises them.
+transforms.py then resizes and flips them, the model normalises them.
 """
 
 import contextlib

@@ -1,7 +1,6 @@
 """Pascal VOC annotations, read and checked: the XML files of the VOC benchmark (and of LabelImg and CVAT's VOC
-export), each problem a ValueError naming the file and the line. These are the ground-truth boxes that paper §4
-("Anchors") assigns anchors to, in the format of the other benchmark that detectors report (the paper's §5 is on
-COCO); the datasets (retinanet.dataloader) and the data check (retinanet.diagnostics.check) share them.
+export), each problem a ValueError naming the file and the line. The datasets (data/datasets.py) and the data check
+(diagnostics/check.py) share them.
 
 Two layouts. A VOC root (e.g. VOCdevkit/VOC2007) holds Annotations/{id}.xml, JPEGImages/ and ImageSets/Main/{set}.txt
 listing the ids of each set; without ImageSets/Main/, every file in Annotations/ is read. Any other folder holds XML
@@ -11,7 +10,7 @@ files next to their images (LabelImg's layout) and is one set, whatever its name
 VOC's coordinates are 1-based pixel indices, both ends included: xmin = 1, xmax = 3 is a box over the first three
 pixels, x1 = 0 and x2 = 3 in the continuous pixel coordinates used here (x1 = xmin - 1, y1 = ymin - 1, as
 detectron2 reads them). A `difficult` object is a box like any other for training, as in detectron2; evaluation
-neither counts it as a hit nor as a miss (the VOC protocol, retinanet.engine.evaluation).
+neither counts it as a hit nor as a miss (the VOC protocol, engine/evaluation.py).
 
 Legend for shapes: N boxes of one image.
 """

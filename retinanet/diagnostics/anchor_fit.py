@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..anchors import anchors_of
-from .coverage import anchor_coverage, box_tensors, describe_training_size, level_ious, shorter_sides, training_sizes
+from ..anchors import Anchors
 from ..settings import ModelSettings
+from .coverage import anchor_coverage, box_tensors, describe_training_size, level_ious, shorter_sides, training_sizes
 
 # Rounded to 3 decimals, so that the flags printed give exactly the anchors measured
 CANDIDATE_SCALES = tuple(round(2 ** (k / 6), 3) for k in range(-12, 13))  # 1/4 to 4 in sixths of an octave
@@ -45,7 +45,7 @@ def candidate_ious(boxes: torch.Tensor, image_sizes: torch.Tensor, settings: Mod
                    jitter: tuple[int, int] | None, scales: list[float], ratios: list[float]) -> torch.Tensor:
     """(N, C_ratios, C_scales): for each box at each image size of training, the IoU of its best anchor of each
     candidate ratio and scale, over the pyramid levels."""
-    candidates = anchors_of(settings.replace(anchor_scales=scales, anchor_ratios=ratios))
+    candidates = Anchors(settings.replace(anchor_scales=scales, anchor_ratios=ratios))
     ious = [level_ious(resized, sizes, candidates).amax(dim=0)  # (L, G, C_ratios * C_scales) -> (G, C_r * C_s)
             for resized, sizes in training_sizes(boxes, image_sizes, settings, jitter)]
     return torch.cat(ious).view(-1, len(ratios), len(scales))  # S x (G, C_r*C_s) -> (N, C_r, C_s)

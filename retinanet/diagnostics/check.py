@@ -7,23 +7,25 @@ its file and line or image, so that a user learns about row 80,412 before the fi
 Errors stop training (a malformed row or XML file, an object without a box, an unknown class, a missing or
 undecodable image); warnings do not (a box reaching past the image is clipped, one entirely outside it dropped, as
 the datasets do while training). Then, if training can start, how the anchors cover the training boxes at the
-training image size (§4 "Anchors", retinanet/coverage.py), and with --fit_anchors the anchors fitted to them
-(retinanet/anchor_fit.py).
+training image size (§4 "Anchors", coverage.py), and with --fit_anchors the anchors fitted to them
+(anchor_fit.py).
 """
 
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
-from .anchor_fit import fit_report
-from ..data.annotations import clip_to_image, read_class_list, read_csv_annotations
-from .coverage import anchor_coverage, coverage_report
-from ..dataloader import CocoDataset, DetectionDataset
+from ..data.annotations import read_class_list, read_csv_annotations
+from ..data.datasets import CocoDataset
 from ..data.images import read_rgb_image
-from ..settings import ModelSettings
 from ..data.voc import ParsedVOC, VOCSet, boxes_of_files, read_voc_set, run_class_names
+from ..dataloader import DetectionDataset, clip_to_image
+from ..settings import ModelSettings
+from .anchor_fit import fit_report
+from .coverage import anchor_coverage, coverage_report
 
 
 class Problem(NamedTuple):
@@ -49,8 +51,8 @@ def check_image(image: ImageToCheck) -> list[Problem]:
     if image.expected_size is not None and image.expected_size != (height, width):
         problems.append(Problem(f"{image.where}: {image.path} is {width}x{height} pixels, the annotations say "
                                 f"{image.expected_size[1]}x{image.expected_size[0]}", fatal=False))
-    clipped, keep = clip_to_image(image.annotations, height, width)
-    is_clipped = (clipped != image.annotations).any(axis=1)  # (N,)
+    clipped, keep = clip_to_image(torch.from_numpy(image.annotations), height, width)
+    is_clipped = (clipped.numpy() != image.annotations).any(axis=1)  # (N,)
     if is_clipped.any():
         lines = [line for line, clipped_box in zip(image.box_lines, is_clipped) if clipped_box]
         where = f"{image.where}, line{'s' * (len(lines) > 1)} {', '.join(map(str, lines))}" if lines else image.where
@@ -154,10 +156,11 @@ def dataset_boxes(dataset: DetectionDataset) -> tuple[np.ndarray, np.ndarray, np
         if len(annotations) == 0:
             continue
         height, width = dataset.image_size(index)
-        clipped, keep = clip_to_image(annotations, height, width)
-        boxes.append(clipped[keep, :4])
-        sizes.append(np.tile([height, width], (int(keep.sum()), 1)))  # (N, 2)
-        labels.append(clipped[keep, 4].astype(np.int64))
+        clipped, keep = clip_to_image(torch.from_numpy(annotations), height, width)
+        clipped = clipped[keep].numpy()
+        boxes.append(clipped[:, :4])
+        sizes.append(np.tile([height, width], (len(clipped), 1)))  # (N, 2)
+        labels.append(clipped[:, 4].astype(np.int64))
     return np.concatenate(boxes), np.concatenate(sizes), np.concatenate(labels)
 
 

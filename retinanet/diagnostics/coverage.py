@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..anchors import Anchors, anchors_of
+from ..anchors import Anchors
 from ..boxes import batched_box_iou
 from ..settings import ModelSettings
 from ..transforms import Resize
@@ -146,7 +146,7 @@ def anchor_coverage(
     labels = torch.zeros(len(boxes), dtype=torch.long) if labels is None else torch.as_tensor(labels).long()
     if labels.shape != (len(boxes),):
         raise ValueError(f"need one label per box, got {len(boxes)} boxes and labels of shape {tuple(labels.shape)}")
-    anchors = anchors_of(settings)
+    anchors = Anchors(settings)
     best_iou, box_sides = [], []
     for resized, resized_sizes in training_sizes(boxes, image_sizes, settings, jitter):
         best_iou.append(level_ious(resized, resized_sizes, anchors).amax(dim=(0, 2)))  # (L, G, A) -> (G,)

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from ..dataloader import CocoDataset
+
+from ..data.datasets import CocoDataset
 from ..data.files import write_text_atomically
 
 # COCO's detection rules allow at most 100 detections per image. (COCOeval itself keeps its largest maxDets, 100,

@@ -1,6 +1,6 @@
-"""Detections out as files: a trained detector (the paper's §4.1 "Inference") run on any number of image files,
-folders and CSV annotation files, whole or tiled (retinanet.engine.tiling), with the detections in each image's own pixels
-written to a CSV or a COCO-style JSON file. An image that cannot be read is skipped and said why, not fatal.
+"""Detections out as files: a trained detector run on any number of image files, folders and CSV annotation files,
+whole or tiled (tiling.py), with the detections in each image's own pixels written to a CSV or a COCO-style JSON
+file. An image that cannot be read is skipped and said why, not fatal.
 
 Legend for shapes: D detections of an image.
 """
@@ -13,11 +13,9 @@ from typing import NamedTuple
 import numpy as np
 
 from ..data.annotations import read_csv_image_paths
-from .checkpoint import load_model
 from ..data.files import write_atomically, write_text_atomically
 from ..data.images import find_images
-from .prediction import given_settings
-from .runtime import resolve_device
+from ..model import RetinaNet
 from .tiling import DEFAULT_OVERLAP, ImageWindows, predict_windows
 
 OUTPUT_FORMATS = (".csv", ".json")
@@ -65,25 +63,14 @@ class FilePredictions(NamedTuple):
     class_names: list[str]  # index = label
 
 
-def predict_files(
-    model_path: str,
-    image_paths: list[str],
-    device: str | None = None,
-    min_size: int | None = None,
-    max_size: int | None = None,
-    batch_size: int = 8,
-    workers: int = 0,
-    score_threshold: float | None = None,
-    tile_size: int | None = None,
-    tile_overlap: float = DEFAULT_OVERLAP,
-) -> FilePredictions:
-    """Detect with the model of a checkpoint on image files, whole, or cut into tiles of tile_size pixels where they
-    are larger (retinanet.engine.tiling). min_size, max_size and score_threshold replace the checkpoint's settings where
-    given; `batch_size` counts windows (whole images or tiles). Images that cannot be read are skipped."""
-    changes = given_settings(min_size=min_size, max_size=max_size, score_threshold=score_threshold)
-    model, class_names = load_model(model_path, resolve_device(device), **changes)
+def predict_images(model: RetinaNet, class_names: list[str], image_paths: list[str], batch_size: int = 8,
+                   workers: int = 0, tile_size: int | None = None,
+                   tile_overlap: float = DEFAULT_OVERLAP) -> FilePredictions:
+    """Detect with `model` (in eval mode, on its device) on image files, whole, or cut into tiles of tile_size pixels
+    where they are larger (tiling.py); `batch_size` counts windows (whole images or tiles). Images that cannot be
+    read are skipped."""
     dataset = ImageWindows(image_paths, model.settings.min_size, model.settings.max_size, tile_size, tile_overlap)
-    print(f"detecting with {model_path} on {len(image_paths)} images ({describe_windows(dataset, tile_size)}), "
+    print(f"detecting on {len(image_paths)} images ({describe_windows(dataset, tile_size)}), "
           f"score >= {model.settings.score_threshold:g}, on {next(model.parameters()).device}")
     predictions = predict_windows(model, dataset, batch_size, workers)
     skipped = {path: dataset.unreadable.get(number) or dataset.undecodable_reason(number)

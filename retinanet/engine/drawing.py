@@ -1,7 +1,7 @@
-"""Drawing a detector's output (the paper's §4.1 "Inference": boxes, class labels and scores) on images: each box
-in its class's colour with the class name and score, on the original image; on an annotated set, the ground truth
-next to the predictions. Drawing what training sees (§4.1 "Optimization"): the images and boxes of the
-training loop's batches, after their random transforms and augmentations. And, before training, what the anchors
+"""Drawing a detector's output (boxes, class labels and scores) on images: each box in its class's colour with the
+class name and score, on the original image; on an annotated set, the ground truth next to the predictions. Drawing
+what training sees: the images and boxes of the training loop's batches, after their random transforms and
+augmentations. And, before training, what the anchors
 cover (§4 "Anchors"): each ground-truth box with its best anchor, green where their IoU reaches the foreground
 threshold, red where not.
 
@@ -18,13 +18,15 @@ from torch import nn
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
-from ..anchors import anchors_of
-from ..diagnostics.coverage import best_anchors
-from ..dataloader import DetectionDataset, training_loader
+from ..anchors import Anchors
+from ..data.datasets import ImageFileDataset
 from ..data.images import read_rgb_image
-from .prediction import predict_dataset
+from ..dataloader import DetectionDataset, training_loader
+from ..diagnostics.coverage import best_anchors
 from ..settings import ModelSettings
 from ..transforms import Transform, build_transform
+from .batch_inference import predict_dataset
+from .tiling import ImageWindows, predict_windows
 
 JPEG_EXTENSIONS = (".jpg", ".jpeg")  # saved as JPEG again; every other format as PNG
 JPEG_QUALITY = 95
@@ -132,14 +134,6 @@ def render(
 # ------------------------------------------------------------------------------------------------------ files
 
 
-def image_folder_dataset(
-    image_paths: list[str], class_names: list[str], transform: Transform | None = None
-) -> DetectionDataset:
-    """A DetectionDataset of plain images, without annotations, for predict_dataset."""
-    no_boxes = [np.zeros((0, 5), np.float32)] * len(image_paths)
-    return DetectionDataset(image_paths, no_boxes, class_names, transform)
-
-
 def output_names(image_paths: list[str]) -> list[str]:
     """The file name of each drawn image: the image's own name, as .png unless it is a JPEG, and prefixed with its
     position when two images share a name (as two CSV rows may, from different folders)."""
@@ -172,7 +166,7 @@ def first_images(dataset: DetectionDataset, limit: int | None, transform: Transf
     if len(dataset) == 0:
         raise ValueError("no images to draw on: the dataset is empty")
     count = len(dataset) if limit is None else min(limit, len(dataset))
-    return DetectionDataset([dataset.image_path(index) for index in range(count)],
+    return ImageFileDataset([dataset.image_path(index) for index in range(count)],
                             [dataset.load_annotations(index) for index in range(count)], dataset.class_names, transform)
 
 
@@ -197,6 +191,28 @@ def visualize_dataset(
     predictions = predict_dataset(model, subset, batch_size=batch_size, workers=workers)
     return draw_predictions(image_paths, predictions, dataset.class_names, output_dir, score_threshold,
                             annotations if has_ground_truth else None)
+
+
+def visualize_images(
+    model: nn.Module,
+    class_names: list[str],
+    image_paths: list[str],
+    output_dir: str,
+    score_threshold: float = DRAW_THRESHOLD,
+    batch_size: int = 8,
+    workers: int = 0,
+) -> list[str]:
+    """Detect with `model` (in eval mode) on image files, each seen whole as the model's resize rule gives it, and
+    save each into output_dir with its detections of score >= score_threshold drawn on it. Returns the paths
+    written, in order; an image that cannot be read is a ValueError naming it."""
+    if not 0.0 <= score_threshold <= 1.0:
+        raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
+    windows = ImageWindows(image_paths, model.settings.min_size, model.settings.max_size)
+    predictions = predict_windows(model, windows, batch_size, workers)
+    for number, prediction in enumerate(predictions):
+        if prediction is None:
+            raise ValueError(windows.unreadable.get(number) or windows.undecodable_reason(number))
+    return draw_predictions(image_paths, predictions, class_names, output_dir, score_threshold)
 
 
 def draw_predictions(
@@ -255,7 +271,7 @@ def visualize_anchors(dataset: DetectionDataset, settings: ModelSettings, output
     trains (min_size, max_size), with each ground-truth box and its best anchor of the settings drawn on it
     (draw_anchor_coverage). Returns the paths written, in dataset order."""
     subset = first_images(dataset, limit, build_transform(False, settings.min_size, settings.max_size))
-    anchors = anchors_of(settings)
+    anchors = Anchors(settings)
     os.makedirs(output_dir, exist_ok=True)
     paths = []
     for index, name in enumerate(tqdm(output_names(subset.image_paths), desc="drawing", unit="image")):

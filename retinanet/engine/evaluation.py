@@ -24,8 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torchvision.ops import box_iou
 
-from ..data.annotations import clip_to_image
-from ..dataloader import DetectionDataset
+from ..dataloader import DetectionDataset, clip_to_image
 
 # [image][class] -> array: detections (n, 5) x1, y1, x2, y2, score, or annotations (m, 4) x1, y1, x2, y2, or (m, 5)
 # with a fifth column 1 for a difficult box, 0 for any other
@@ -279,5 +278,5 @@ def clipped_ground_truth(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(N, 5) annotations of an image clipped to its (height, width), without the boxes that lose all area, and
     their (N,) difficult flags."""
-    clipped, keep = clip_to_image(dataset.load_annotations(index), *image_size)
-    return clipped[keep], dataset.load_difficult(index)[keep]
+    clipped, keep = clip_to_image(torch.from_numpy(dataset.load_annotations(index)), *image_size)
+    return clipped[keep].numpy(), dataset.load_difficult(index)[keep.numpy()]

@@ -1,11 +1,11 @@
-"""torchvision's RetinaNet weights as a checkpoint of this project, detecting exactly as in torchvision.
+"""Weights of other RetinaNet implementations, read as this project's: yhenon/pytorch-retinanet's state dicts and
+torchvision's `retinanet_resnet50_fpn`.
 
-torchvision's `retinanet_resnet50_fpn` (v1; COCO_V1 weights, 36.4 box AP on COCO val2017) is the paper's ResNet-50
-RetinaNet (§4, §4.1) with a few choices of its own. Each is a model setting here (TORCHVISION_SETTINGS), saved in
-the checkpoint and replayed by checkpoint.model_from_checkpoint, so nothing about torchvision is hidden in the
-model code. Its parameters only need new names; its BatchNorm epsilon is folded into the weights.
-
-yhenon/pytorch-retinanet's state dicts need no conversion: checkpoint.RENAMED_PREFIXES renames them on loading.
+yhenon's state dicts load wherever a checkpoint does (checkpoint.model_state_dict renames their parameters,
+checkpoint.checkpoint_settings gives them YHENON_SETTINGS). torchvision's (v1; COCO_V1 weights, 36.4 box AP on COCO
+val2017) is the paper's ResNet-50 RetinaNet (§4, §4.1) with a few choices of its own; convert_torchvision makes a
+checkpoint of it, where each choice is a model setting (TORCHVISION_SETTINGS), so nothing about torchvision is
+hidden in the model code. Its parameters only need new names; its BatchNorm epsilon is folded into the weights.
 """
 
 import torch
@@ -13,6 +13,35 @@ from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
 
 from ..model import RetinaNet
 from ..settings import BOX_CODINGS, ModelSettings
+
+# yhenon/pytorch-retinanet: its box coding, the paper's matching rule without low-quality matches, and its
+# resizer's 608-pixel shorter side with the longer side at most 1024.
+YHENON_SETTINGS = dict(
+    box_coder_std=BOX_CODINGS["yhenon"][0],
+    smooth_l1_beta=BOX_CODINGS["yhenon"][1],
+    allow_low_quality_matches=False,
+    min_size=608,
+    max_size=1024,
+)
+# yhenon's parameter names -> ours (its model is one module; ours is composed of a backbone, an FPN and two
+# subnets, as Figure 3 draws it)
+YHENON_PREFIXES = {
+    "conv1.": "backbone.conv1.", "bn1.": "backbone.bn1.", "layer1.": "backbone.layer1.",
+    "layer2.": "backbone.layer2.", "layer3.": "backbone.layer3.", "layer4.": "backbone.layer4.",
+    "fpn.P3_1.": "fpn.lateral3.", "fpn.P4_1.": "fpn.lateral4.", "fpn.P5_1.": "fpn.lateral5.",
+    "fpn.P3_2.": "fpn.output3.", "fpn.P4_2.": "fpn.output4.", "fpn.P5_2.": "fpn.output5.",
+    "fpn.P6.": "fpn.p6.", "fpn.P7_2.": "fpn.p7.",
+    "regressionModel.": "box_subnet.", "classificationModel.": "classification_subnet.",
+}
+
+
+def from_yhenon(key: str) -> str:
+    """This project's name of a parameter: yhenon's are renamed (YHENON_PREFIXES), ours stay."""
+    for old, new in YHENON_PREFIXES.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
 
 # torchvision's RetinaNet where it differs from the paper's defaults (score threshold 0.05, 1000 candidates per
 # level and NMS 0.5 are the same there).
@@ -42,14 +71,14 @@ def coco_labels() -> tuple[list[int], list[str]]:
 
     torchvision's COCO model has 91 outputs, one per COCO category id: 0 is "__background__" and the ten ids that
     COCO never used are "N/A", none of which is ever a positive in training. This project labels classes 0..K-1
-    by sorted category id (dataloader.CocoDataset), so torchvision's label `coco_labels()[0][i]` is our label i.
+    by sorted category id (data.datasets.CocoDataset), so torchvision's label `coco_labels()[0][i]` is our label i.
     """
     categories = RetinaNet_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
     labels = [label for label, name in enumerate(categories) if name not in ("__background__", "N/A")]
     return labels, [categories[label] for label in labels]
 
 
-def our_key(key: str) -> str:
+def from_torchvision(key: str) -> str:
     """This project's name of a parameter of torchvision's RetinaNet. Both of torchvision's layouts are read:
     since torchvision 0.13 each FPN and head conv is wrapped in a Conv2dNormActivation ("conv.1.0.weight"); the
     published COCO_V1 file predates that ("conv.2.weight": the ReLUs sit at the odd indices)."""
@@ -109,7 +138,7 @@ def convert_torchvision(torchvision_state: dict[str, torch.Tensor], source_eps: 
 
     Images are normalised as here (ImageNet mean and std of 0..1 RGB) and resized as torchvision does (800 / 1333).
     """
-    state_dict = {our_key(key): value for key, value in torchvision_state.items()}
+    state_dict = {from_torchvision(key): value for key, value in torchvision_state.items()}
     fold_batchnorm_eps(state_dict, source_eps)
     num_classes = state_dict["classification_subnet.output.bias"].shape[0] // NUM_ANCHORS
     if num_classes == COCO_OUTPUTS:

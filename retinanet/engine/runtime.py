@@ -1,6 +1,6 @@
-"""Where a run executes and how it ends: the device, the processes of distributed training (paper §4.1
-"Optimization": "synchronized SGD over 8 GPUs"), mixed precision, data loading processes, the random state a
-resumed run continues from, a clean stop on Ctrl-C or SIGTERM, and the messages of errors a user can fix."""
+"""Where a run executes and how it ends: the device, the processes of distributed training, mixed precision, data
+loading processes, the random state a resumed run continues from, a clean stop on Ctrl-C or SIGTERM, and the
+messages of errors a user can fix."""
 
 import contextlib
 import datetime
@@ -50,8 +50,8 @@ def setup_distributed(device_name: str | None = None) -> tuple[torch.device, int
 
 def mixed_precision_dtype(device: torch.device) -> torch.dtype | None:
     """The autocast dtype of mixed-precision training on `device`: fp16 on a GPU (as NVIDIA's retinanet-examples),
-    bf16 on a CPU that computes in bf16 natively (AVX512-BF16 or AMX: 1.7x faster than fp32 for the demo on an
-    EPYC), otherwise None, full precision: elsewhere bf16 is emulated, and slower than fp32."""
+    bf16 on a CPU that computes in bf16 natively (AVX512-BF16 or AMX), otherwise None, full precision: elsewhere
+    bf16 is emulated, and slower than fp32."""
     if device.type == "cuda":
         return torch.float16
     if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
@@ -86,20 +86,6 @@ def stop_on_signals(stop: StopRequest):
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
-
-@contextlib.contextmanager
-def out_of_memory_hint(batch_shape: torch.Size):
-    """Turn a GPU out-of-memory error into a message that names the batch and says what to lower."""
-    try:
-        yield
-    except torch.OutOfMemoryError as error:
-        batch_size, _, height, width = batch_shape
-        raise SystemExit(
-            f"error: out of GPU memory on a batch of {batch_size} images of {height}x{width} pixels (padded). Lower "
-            f"--batch_size (the default lr scales with it), or --min_size and --max_size; mixed precision, the default "
-            f"on GPU, needs less memory than --full_precision. ({str(error).splitlines()[0]})"
-        ) from error
 
 
 def error_message(error: Exception) -> str:

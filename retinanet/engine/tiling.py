@@ -32,8 +32,8 @@ from torch.utils.data import Dataset
 from torchvision.ops import batched_nms
 
 from ..data.images import read_image_size, read_rgb_image
-from .prediction import predict_dataset
 from ..transforms import Resize, resize_image
+from .batch_inference import predict_dataset
 
 DEFAULT_OVERLAP = 0.25  # every object up to a quarter of a tile across then lies whole in some tile
 SIDE_MARGIN = 2  # pixels of the model's input: a box this close to a side of its tile touches it

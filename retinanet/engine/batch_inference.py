@@ -1,25 +1,20 @@
-"""Batched inference over a dataset. The paper's §4.1 "Inference" post-processing (the top 1k candidates per level
-above 0.05, merged across levels, NMS at 0.5) happens in the model; this maps its detections from the resized,
-padded input back to the pixels of the original image files, where the annotations live. Under distributed
-training, each process predicts its share of the images and the first gathers them all.
+"""Batched inference over a dataset: a model's detections (its §4.1 "Inference" rule, in the model) mapped from the
+resized, padded input back to the pixels of the original image files, where the annotations live. Under
+distributed training, each process predicts its share of the images and the first gathers them all.
 
 Legend for shapes: B batch, D detections of one image.
 """
-
-from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
-from torchvision.ops import clip_boxes_to_image
 from tqdm import tqdm
 
-from ..data.annotations import read_class_list
+from ..boxes import clip_boxes
 from ..dataloader import AspectRatioBatchSampler, DetectionDataset, aspect_ratios, collate
-from .runtime import inference_autocast, resolve_device
-from ..transforms import build_transform
+from .runtime import inference_autocast
 
 
 def detections_to_host(detections: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
@@ -38,7 +33,7 @@ def to_original_pixels(
     """One image's detections on the host (as detections_to_host gives them) in the pixels of its image file: boxes
     divided by the resize scale and clipped to the original (height, width). Returns numpy arrays boxes (D, 4),
     scores (D,), labels (D,), and the image_size (height, width) of the file."""
-    boxes = clip_boxes_to_image(detection["boxes"] / scale, tuple(original_size))  # (D, 4)
+    boxes = clip_boxes(detection["boxes"] / scale, *original_size)  # (D, 4)
     return {
         "boxes": boxes.numpy(),
         "scores": detection["scores"].numpy(),
@@ -112,62 +107,3 @@ def check_class_names(model_class_names: list[str], dataset_class_names: list[st
                       in enumerate(zip(model_class_names, dataset_class_names)) if model_name != dataset_name]
         raise ValueError(f"the model's class names differ from the dataset's (label, model, dataset): "
                          f"{mismatches[:5]}; labels are indices, so both class lists must be in the same order")
-
-
-def class_names_to_read(class_list: str | None, checkpoint: dict | None) -> list[str] | None:
-    """The class names to read a VOC set with: the class list file's if given, else those the model of
-    `checkpoint` (as read_checkpoint returns it) was trained with; None without either, or for a bare state dict
-    (the set then takes the names it finds, as train.py does)."""
-    if class_list:
-        return read_class_list(class_list)
-    return checkpoint.get("class_names") if checkpoint is not None else None
-
-
-def given_settings(**settings) -> dict:
-    """The model settings among `settings` that are given (not None): changes to a checkpoint's, as
-    model_from_checkpoint and load_model take them."""
-    return {name: value for name, value in settings.items() if value is not None}
-
-
-class Inference(NamedTuple):
-    """What running a trained model needs: the model in eval mode, its class names and its device."""
-
-    model: nn.Module
-    class_names: list[str]
-    device: torch.device
-
-
-def load_for_inference(
-    model_path: str,
-    dataset: DetectionDataset,
-    device: str | None = None,
-    min_size: int | None = None,
-    max_size: int | None = None,
-    checkpoint: dict | None = None,
-) -> Inference:
-    """The model of the checkpoint at `model_path` on `device` (a name as for resolve_device; None: CUDA when
-    available), ready to run on `dataset`: the dataset's images are resized as in training unless min_size or
-    max_size say otherwise, and its classes must be the model's (a dataset without any, a folder of images, takes
-    the model's). `checkpoint` is the file's contents where the caller has read it already."""
-    from .checkpoint import load_model  # the model code only here: the metrics need none
-
-    device = resolve_device(device)
-    sizes = given_settings(min_size=min_size, max_size=max_size)
-    model, class_names = load_model(model_path if checkpoint is None else checkpoint, device, **sizes)
-    if dataset.class_names:
-        check_class_names(class_names, dataset.class_names)
-    else:
-        dataset.class_names = class_names
-    dataset.transform = build_transform(False, model.settings.min_size, model.settings.max_size)
-    return Inference(model, class_names, device)
-
-
-def predict_with_checkpoint(model_path: str, dataset: DetectionDataset, source: str, device: str | None = None,
-                            min_size: int | None = None, max_size: int | None = None, batch_size: int = 8,
-                            workers: int = 0, checkpoint: dict | None = None) -> list[dict[str, np.ndarray]]:
-    """predict_dataset with the model of a checkpoint, loaded for `dataset` as load_for_inference does, saying
-    what runs on what (`source` names the dataset)."""
-    model, _, device = load_for_inference(model_path, dataset, device, min_size, max_size, checkpoint)
-    print(f"detecting with {model_path} on {len(dataset)} images of {source} ({dataset.num_classes} classes) "
-          f"on {device}")
-    return predict_dataset(model, dataset, batch_size=batch_size, workers=workers)
