@@ -79,6 +79,13 @@ def test_coverage_by_hand_and_its_report():
     assert strict.share(strict.low_quality_only()) == 0.0
 
 
+def test_no_anchor_is_counted_never_printed_as_minus_zero():
+    # 4 covered and 1 low-quality box of 5: 1 - 0.8 - 0.2 is -5.6e-17 in floating point, once printed "-0.0%"
+    boxes, sizes = BOXES + [BOXES[0]], IMAGE_SIZES + [IMAGE_SIZES[0]]
+    coverage = anchor_coverage(boxes, sizes, [0] * 5, ModelSettings(num_classes=1, min_size=200, max_size=400))
+    report = coverage_report(coverage, ["cat"])
+    assert re.search(r"^all +5 .* 80\.0% +20\.0% +0\.0%$", report, re.MULTILINE) and "-0.0%" not in report
+
 def test_a_jitter_range_is_measured_at_five_sizes_and_averaged():
     assert shorter_sides(150, (150, 200)) == [150, 162, 175, 188, 200]  # 162.5 and 187.5 round to even
     settings = ModelSettings(num_classes=2, min_size=200, max_size=400)

@@ -181,10 +181,11 @@ def coverage_row(name: str, coverage: Coverage, boxes: torch.Tensor | None = Non
     ratios = (coverage.ratios if boxes is None else coverage.ratios[boxes]).numpy()
     covered = coverage.share(coverage.covered(), boxes)
     low_quality = coverage.share(coverage.low_quality_only(), boxes)
+    no_anchor = coverage.share(~coverage.covered() & ~coverage.low_quality_only(), boxes)  # counted: never "-0.0%"
     side_percentiles = " / ".join(f"{value:.0f}" for value in np.percentile(sides, PERCENTILES))
     ratio_range = " / ".join(f"{value:.2f}" for value in np.percentile(ratios, (PERCENTILES[0], PERCENTILES[-1])))
     return (f"{name[:20]:<20} {len(ratios):>8} {side_percentiles:>18} {ratio_range:>13} {covered:>10.1%} "
-            f"{low_quality:>17.1%} {1 - covered - low_quality:>10.1%}")
+            f"{low_quality:>17.1%} {no_anchor:>10.1%}")
 
 
 def coverage_warning(coverage: Coverage) -> str:
