@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ from retinanet.engine.models import WeightsUnavailableError, build_model, load_m
 from retinanet.engine.runtime import (StopRequest, default_workers, mixed_precision_dtype, setup_distributed,
                                       stop_on_signals)
 from retinanet.model import RetinaNet
-from retinanet.optimization import build_optimizer, default_lr, lr_factor
+from retinanet.optimization import build_optimizer, default_lr, default_milestones, default_warmup, lr_factor
 from retinanet.settings import BOX_CODINGS, BOX_LOSSES, LOSS_NORMALIZERS, RESNET_BLOCKS, ModelSettings, initial_freezing
 from retinanet.training import TrainStep
 from retinanet.transforms import build_transform
@@ -59,10 +60,12 @@ DEFAULTS = {
     "voc": dict(depth=50, optimizer="sgd", batch_size=8, epochs=18, warmup_iters=500, pretrained=True,
                 train_set="trainval", val_set="test"),
 }
-# The flags that are model settings (settings.py) under the same name; --box_coding and --pretrained set others.
-SETTINGS_FLAGS = ("depth", "min_size", "max_size", "freeze_at", "box_loss", "loss_normalizer",
-                  "anchor_sizes", "anchor_scales", "anchor_ratios")
+# The flags that are model settings (settings.py): flag -> setting; --box_coding and --pretrained set others.
+SETTINGS_FLAGS = {name: name for name in ("depth", "min_size", "max_size", "freeze_at", "box_loss", "loss_normalizer",
+                                          "anchor_sizes", "anchor_scales", "anchor_ratios")}
+SETTINGS_FLAGS |= {"focal_gamma": "gamma", "focal_alpha": "alpha"}
 DATASET_FLAGS = {"csv": ("csv_train", "csv_classes"), "coco": ("coco_path",), "voc": ("voc_path",)}
+REPORTS_PER_RUN = 20  # a run of many short epochs evaluates and saves last.pt about this many times, not every epoch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -110,6 +113,8 @@ def add_model_arguments(model) -> None:
     model.add_argument("--box_coding", choices=tuple(BOX_CODINGS), help="box deltas' std and smooth L1 beta: detectron (default, the authors' code: 1, 0.11), detectron2, torchvision, yhenon (0.1/0.2, 1/9)")
     model.add_argument("--box_loss", choices=BOX_LOSSES, help="box regression loss (paper: smooth L1)")
     model.add_argument("--loss_normalizer", choices=LOSS_NORMALIZERS, help="divide losses by this batch's foreground count (paper) or its moving average")
+    model.add_argument("--focal_gamma", type=float, help="the focal loss's γ, Eq. 4 (paper: 2; 0 is α-balanced cross entropy, Table 1a)")
+    model.add_argument("--focal_alpha", type=float, help="the focal loss's α, Eq. 3 and 5 (paper: 0.25 with γ = 2, Table 1b; negative: no α-balancing)")
     for name, options in ANCHOR_FLAGS:
         model.add_argument(name, **options)
 
@@ -122,7 +127,7 @@ def add_optimization_arguments(optim) -> None:
     optim.add_argument("--lr", type=float, help="learning rate (default: 0.01 x total batch / 16 for SGD, 3e-4 for AdamW)")
     optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (paper: 0.9)")
     optim.add_argument("--weight_decay", type=float, default=1e-4, help="weight decay, not applied to BatchNorm and biases (paper: 1e-4)")
-    optim.add_argument("--warmup_iters", type=int, help="linear learning-rate warmup length")
+    optim.add_argument("--warmup_iters", type=int, help="linear learning-rate warmup length (default: the dataset's, 500 iterations, 200 for shapes, or a tenth of a shorter run)")
     optim.add_argument("--lr_schedule", choices=("step", "cosine"), default="step", help="step: divide by --gamma at each milestone (paper); cosine")
     optim.add_argument("--milestones", type=int, nargs="+", help="iterations of the lr steps (default: 2/3 and 8/9 of training, as 60k and 80k of 90k)")
     optim.add_argument("--gamma", type=float, default=0.1, help="lr factor at each milestone (paper: 0.1)")
@@ -135,8 +140,8 @@ def add_run_arguments(run) -> None:
     run.add_argument("--output_dir", default="output", help="where checkpoints go")
     run.add_argument("--resume", metavar="PATH", help="continue a run from its checkpoint (same model, iteration, lr, optimizer state, random state)")
     run.add_argument("--fine_tune", metavar="PATH", help="start from a checkpoint trained on other classes (new classification output)")
-    run.add_argument("--eval_every", type=int, default=1, help="evaluate every N epochs (0: never)")
-    run.add_argument("--checkpoint_every", type=int, default=0, help="also save last.pt every N iterations")
+    run.add_argument("--eval_every", type=int, help=f"evaluate every N epochs (0: never; default: every epoch, or every few so that a run evaluates about {REPORTS_PER_RUN} times)")
+    run.add_argument("--checkpoint_every", type=int, default=0, help="also save last.pt every N iterations (it is saved after each epoch, or after every few in a run of many)")
     run.add_argument("--logdir", help="write TensorBoard scalars here")
     run.add_argument("--seed", type=int, default=0, help="random seed")
     run.add_argument("--skip_nonfinite", action="store_true", help="skip a batch whose loss is NaN or infinite (counted and reported) instead of stopping")
@@ -156,13 +161,70 @@ def settle(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         config.epochs, config.iters = args.epochs, args.iters
     config.workers = args.workers if args.workers is not None else default_workers()
     config.lr = args.lr if args.lr is not None else default_lr(config.optimizer, config.batch_size * world_size)
+    config.warmup_typed = args.warmup_iters is not None  # a default warmup is shortened to fit a short run
     return config
+
+
+class Schedule(NamedTuple):
+    """The run's length, warmup, lr steps and cadence, decided once the epoch's length is known."""
+
+    total_iters: int
+    iters_per_epoch: int
+    warmup_iters: int
+    milestones: list[int]
+    eval_every: int  # epochs between evaluations (0: never)
+    save_every: int  # epochs between saves of last.pt
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.total_iters / self.iters_per_epoch)
+
+
+def plan_schedule(config: argparse.Namespace, iters_per_epoch: int) -> Schedule:
+    """The schedule of a run of `config` whose epochs last `iters_per_epoch` iterations: --iters or --epochs long,
+    a typed warmup as typed and a default one at most a tenth of the run, the lr steps at the typed milestones or
+    the paper's 2/3 and 8/9, evaluation and last.pt every epoch, or every few epochs in a run of many."""
+    total_iters = config.iters or config.epochs * iters_per_epoch
+    warmup_iters = config.warmup_iters if config.warmup_typed else default_warmup(config.warmup_iters, total_iters)
+    epochs = math.ceil(total_iters / iters_per_epoch)
+    save_every = max(1, epochs // REPORTS_PER_RUN)
+    eval_every = config.eval_every if config.eval_every is not None else save_every
+    return Schedule(total_iters, iters_per_epoch, warmup_iters, config.milestones or default_milestones(total_iters),
+                    eval_every, save_every)
+
+
+def describe_schedule(schedule: Schedule, config: argparse.Namespace) -> str:
+    """One line: length, warmup, the lr's course and the cadence of evaluation and checkpoints."""
+    epochs = schedule.total_iters / schedule.iters_per_epoch
+    if config.lr_schedule == "cosine":
+        course = f"then a cosine decay to 0 at iteration {schedule.total_iters}"
+    else:
+        steps = " and ".join(str(milestone) for milestone in schedule.milestones)
+        course = f"multiplied by {config.gamma:g} at iteration{'s' * (len(schedule.milestones) > 1)} {steps}"
+    evaluation = f"validation every {schedule.eval_every} epoch(s)" if schedule.eval_every else "no validation"
+    return (f"schedule: {schedule.total_iters} iterations ({epochs:.3g} epochs of {schedule.iters_per_epoch}), lr "
+            f"{config.lr:g} after a linear warmup of {schedule.warmup_iters} iterations, {course}; {evaluation}, "
+            f"last.pt every {schedule.save_every} epoch(s)")
+
+
+def warmup_warning(schedule: Schedule, config: argparse.Namespace) -> str | None:
+    """A warning if the lr never reaches --lr: the warmup outlasts the run, or its first lr step; None otherwise."""
+    steps = schedule.milestones if config.lr_schedule == "step" else []
+    first_step = min([schedule.total_iters, *steps])
+    if schedule.warmup_iters <= first_step:
+        return None
+    factors = [lr_factor(iteration, schedule.total_iters, schedule.warmup_iters, config.lr_schedule,
+                         schedule.milestones, config.gamma) for iteration in range(schedule.total_iters)]
+    outlasts = "the run" if schedule.warmup_iters > schedule.total_iters else "the run's first lr step"
+    return (f"warning: the warmup of {schedule.warmup_iters} iterations is longer than {outlasts} "
+            f"({schedule.total_iters} iterations, lr steps at {', '.join(map(str, steps)) or 'none'}): the lr "
+            f"never reaches {config.lr:g}, at most {config.lr * max(factors):.3g}; training goes on")
 
 
 def flag_settings(flags: argparse.Namespace) -> dict:
     """The model settings that flags set: in parsed args, those the user typed; in a settled config, those and the
     dataset's defaults."""
-    typed = given(**{name: getattr(flags, name) for name in SETTINGS_FLAGS})
+    typed = given(**{setting: getattr(flags, flag) for flag, setting in SETTINGS_FLAGS.items()})
     found = {name: tuple(value) if isinstance(value, list) else value for name, value in typed.items()}  # nargs
     if flags.box_coding is not None:
         found["box_coder_std"], found["smooth_l1_beta"] = BOX_CODINGS[flags.box_coding]
@@ -257,12 +319,12 @@ class Trainer:
         self.model, self.train_set, self.val_set = model.to(device), train_set, val_set
         self.sampler, self.loader = training_loader(train_set, config.batch_size, config.workers, config.seed, rank,
                                                     world_size, pin_memory=device.type == "cuda")
-        self.iters_per_epoch = len(self.sampler)
-        self.total_iters = config.iters or config.epochs * self.iters_per_epoch
+        self.schedule = plan_schedule(config, len(self.sampler))
+        self.iters_per_epoch, self.total_iters = self.schedule.iters_per_epoch, self.schedule.total_iters
         self.optimizer = build_optimizer(self.model, config.optimizer, config.lr, config.momentum, config.weight_decay)
-        schedule = dict(total_iters=self.total_iters, warmup_iters=config.warmup_iters, schedule=config.lr_schedule,
-                        milestones=config.milestones, gamma=config.gamma)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: lr_factor(it, **schedule))
+        lr_course = dict(total_iters=self.total_iters, warmup_iters=self.schedule.warmup_iters,
+                         schedule=config.lr_schedule, milestones=self.schedule.milestones, gamma=config.gamma)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: lr_factor(it, **lr_course))
         self.amp_dtype = None if config.full_precision else mixed_precision_dtype(device)
         # fp16 needs its loss scaled so that small gradients do not underflow; bf16 has fp32's exponent range.
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
@@ -370,13 +432,15 @@ class Trainer:
         return score
 
     def run(self) -> None:
-        epochs = math.ceil(self.total_iters / self.iters_per_epoch)
+        epochs, eval_every, save_every = self.schedule.epochs, self.schedule.eval_every, self.schedule.save_every
         for epoch in range(self.iteration // self.iters_per_epoch, epochs):
             self.train_epoch(epoch)
-            self.save("last.pt")
+            last = epoch + 1 == epochs
+            if self.stopping or last or (epoch + 1) % save_every == 0:
+                self.save("last.pt")
             if self.stopping:
                 return
-            if self.config.eval_every and ((epoch + 1) % self.config.eval_every == 0 or epoch + 1 == epochs):
+            if eval_every and ((epoch + 1) % eval_every == 0 or last):
                 self.after_evaluation(self.evaluate())
 
     def after_evaluation(self, score: float | None) -> None:
@@ -417,6 +481,10 @@ def main(argv=None) -> int:
         f"{config.batch_size * world_size} images, {config.optimizer} at lr {config.lr:g}, "
         f"{'mixed precision ' + str(trainer.amp_dtype).removeprefix('torch.') if trainer.amp_dtype else 'full precision'}"
     )
+    trainer.log(describe_schedule(trainer.schedule, config))
+    warning = warmup_warning(trainer.schedule, config)
+    if warning:
+        trainer.log(warning)
     with stop_on_signals(trainer.stop):
         trainer.run()
     if trainer.stopping:

@@ -6,8 +6,11 @@ the original set of 3 aspect ratio anchors. [...] In total there are A = 9 ancho
 
 The sizes, scales and ratios are model settings (settings.py), the paper's by default; any number of scales and
 ratios gives A = scales x ratios. Order of the R anchors of an image: level P3 -> P7, then row-major location
-(y, then x), then the A anchors (aspect ratio major, scale minor). The subnets flatten their outputs in exactly
-this order.
+(y, then x), then the A anchors (aspect ratio major, scale minor, as torchvision; Detectron and detectron2 order
+them scale major). The subnets flatten their outputs in exactly this order.
+
+Sides are exact here: the P3 anchor of ratio 1:2 is 45.25 x 22.63 pixels, width by height (32·√2 by 32/√2). Detectron rounds the
+sides of its stride-sized base anchor before scaling it (11 x 6 at stride 8, times 4), making it 44 x 24.
 """
 
 import math

@@ -21,7 +21,7 @@ def focal_loss_and_gradient(logits: torch.Tensor, positive: torch.Tensor, alpha:
     x_t = torch.where(positive, x, -x)  # Appendix A: "x_t = yx", so that p_t = σ(x_t)
     cross_entropy = -F.logsigmoid(x_t)  # CE(p_t) = −log(p_t) (Eq. 2)
     one_minus_p_t = torch.sigmoid(-x_t)
-    modulating_factor = one_minus_p_t**gamma  # Eq. 4: "adding a modulating factor (1 − p_t)^γ"
+    modulating_factor = one_minus_p_t**gamma  # Eq. 4: "add a modulating factor (1 − p_t)^γ to the cross entropy"
     alpha_t = torch.where(positive, alpha, 1 - alpha) if alpha >= 0 else 1.0  # Eq. 3
     loss = alpha_t * modulating_factor * cross_entropy  # Eq. 5
     if not with_grad:

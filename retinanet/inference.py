@@ -5,7 +5,11 @@ thresholding detector confidence at 0.05. The top predictions from all levels ar
 suppression with a threshold of 0.5 is applied to yield the final detections."
 
 The whole batch is processed at once, and the candidates are at most 1k per level and image, so that NMS has bounded
-work for any model state.
+work for any model state. Taking the top 1k before the threshold keeps exactly the predictions the paper's order
+keeps: those above the threshold among the 1k best are the (at most 1k) best of those above it.
+
+Where the paper is silent: NMS runs per class (Detectron's, detectron2's and torchvision's choice); the threshold is
+0.05 on every level, where Detectron uses 0.0 on P7.
 
 Legend for shapes: B batch, R anchors over all levels, K classes, C candidates per image (at most 1k per level),
 D candidates of the whole batch above the threshold.

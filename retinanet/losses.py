@@ -4,7 +4,8 @@ Loss" and "Optimization").
 Training a RetinaNet has three stages, each a function below:
 1. `match_batch`: give each anchor the ground-truth box it overlaps most, or mark it background or ignored.
 2. `focal_loss` over every non-ignored anchor and class, and a box regression loss over foreground anchors.
-3. Normalise both "by the number of anchors assigned to a ground-truth box" (§4.1 "Focal Loss").
+3. Normalise the focal loss "by the number of anchors assigned to a ground-truth box" (§4.1 "Focal Loss"), and
+   the box loss by the same count (Detectron's choice: the paper names no normaliser for it).
 
 Legend for shapes: B batch, R anchors over all levels, K classes, G ground-truth boxes per image (padded).
 """
@@ -52,14 +53,16 @@ def match_batch(
     """Assign the (R, 4) anchors to each image's (B, G, 4) ground-truth boxes; returns (B, R) int64: the index of
     the matched box, BACKGROUND or IGNORED. Boxes whose (B, G) `gt_valid` flag is False (padding) match nothing.
 
-    §4 "Anchors": "anchors are assigned to ground-truth object boxes using an intersection-over-union (IoU)
-    threshold of 0.5; and to background if their IoU is in [0, 0.4). [...] Unassigned anchors with overlap in
-    [0.4, 0.5) are ignored during training."
+    §4 "Anchors": "we use the assignment rule from RPN [28] but modified for multiclass detection and with adjusted
+    thresholds. Specifically, anchors are assigned to ground-truth object boxes using an intersection-over-union
+    (IoU) threshold of 0.5; and to background if their IoU is in [0, 0.4). [...] If an anchor is unassigned, which
+    may happen with overlap in [0.4, 0.5), it is ignored during training."
 
-    Low-quality matches (not in the paper; as Faster R-CNN's RPN, detectron2 and torchvision): a box that no
-    anchor overlaps by fg_iou still gets the anchors it overlaps most, whatever their IoU, so that no object,
-    however small or thin, is left without a positive anchor. Detectron's RetinaNet makes such matches too but
-    then sets those below bg_iou back to background; yhenon/pytorch-retinanet makes none.
+    Low-quality matches: RPN's rule, which the paper starts from, also gives each box the anchors it overlaps most,
+    whatever their IoU, so that no object, however small or thin, is left without a positive anchor; the paper
+    does not say whether its modified rule keeps that part. detectron2 and torchvision keep it (the default here);
+    Detectron's RetinaNet keeps those best anchors only where their IoU is at least bg_iou (0.4), resetting the
+    others to background; yhenon/pytorch-retinanet makes no such matches.
 
     Selections are made with torch.where, never with boolean indexing: nothing here waits for the device.
     """
@@ -112,7 +115,11 @@ class RetinaNetLoss(nn.Module):
         self.register_buffer("foreground_ema", torch.tensor(EMA_START), persistent=False)
 
     def normalizer(self, num_foreground: torch.Tensor) -> torch.Tensor:
-        """§4.1 "Focal Loss": "normalized by the number of anchors assigned to a ground-truth box" (at least 1)."""
+        """§4.1 "Focal Loss": "normalized by the number of anchors assigned to a ground-truth box" (at least 1).
+
+        The paper's count is per image; here it is that of the whole batch (as the summed losses are), clamped to
+        1; torchvision divides each image's loss by its own count, Detectron by Σ(num_fg + 1) over its GPU's images.
+        """
         if self.settings.loss_normalizer == "batch":
             return num_foreground.clamp(min=1)
         if self.training:

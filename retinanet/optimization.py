@@ -52,6 +52,12 @@ def build_optimizer(
     raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
 
 
+def default_warmup(longest: int, total_iters: int, share: float = 0.1) -> int:
+    """The recipe's warmup of `longest` iterations, or `share` of a shorter run, so that a short run still trains
+    at its lr (not in the paper; Detectron warms up over 500 of 90k iterations)."""
+    return min(longest, int(total_iters * share))
+
+
 def default_milestones(total_iters: int) -> list[int]:
     """The paper's steps at 60k and 80k of 90k iterations, as fractions (2/3, 8/9) of any length."""
     return [total_iters * 2 // 3, total_iters * 8 // 9]
@@ -65,8 +71,12 @@ def lr_factor(
     milestones: list[int] | None = None,
     gamma: float = 0.1,  # "divided by 10"
 ) -> float:
-    """Learning-rate multiplier at an iteration: a linear warmup from lr / warmup_iters (Goyal et al. 2017), then
-    the paper's steps ("divided by 10 at 60k and again at 80k iterations") or a cosine decay."""
+    """Learning-rate multiplier at an iteration: a linear warmup, then the paper's steps ("divided by 10 at 60k and
+    again at 80k iterations") or a cosine decay.
+
+    The paper names no warmup. This one rises from lr / warmup_iters to lr, near detectron2's and torchvision's
+    (from lr / 1000 over 1000 iterations); Detectron's rises from lr / 3 over 500 iterations, and Detectron also
+    doubles the biases' lr, which this project does not (build_optimizer only exempts them from weight decay)."""
     warmup = min(1.0, (iteration + 1) / warmup_iters) if warmup_iters else 1.0
     if schedule == "cosine":
         return warmup * 0.5 * (1 + math.cos(math.pi * iteration / total_iters))

@@ -25,7 +25,7 @@ LOSS_NORMALIZERS = ("batch", "ema")  # §4.1 "Focal Loss"'s count, detectron2's 
 # The paper says "standard smooth L1 loss" (§4.1 "Optimization") and no more; these are what implementations use.
 BOX_CODINGS = {
     "detectron": ((1.0, 1.0, 1.0, 1.0), 0.11),  # the authors' code: raw deltas, smooth L1 with β = 0.11
-    "detectron2": ((1.0, 1.0, 1.0, 1.0), 0.1),  # detectron2's RetinaNet: raw deltas, β = 0.1
+    "detectron2": ((1.0, 1.0, 1.0, 1.0), 0.0),  # detectron2's RetinaNet since 2020: raw deltas, L1 (β = 0)
     "torchvision": ((1.0, 1.0, 1.0, 1.0), 0.0),  # torchvision: raw deltas and an L1 loss (smooth L1 with β = 0)
     "yhenon": ((0.1, 0.1, 0.2, 0.2), 1 / 9),  # yhenon/pytorch-retinanet: Detectron's Fast R-CNN weights, β = 1/9
 }
@@ -46,7 +46,7 @@ class ModelSettings:
     anchor_centre_offset: float = 0.5  # anchors at cell centres, as Detectron; torchvision: 0, the cells' corners
     integer_anchors: bool = False  # torchvision truncates anchor sides to integers and rounds their corners
 
-    prior: float = 0.01  # §4.1 "Initialization": π = 0.01, the bias b = -log((1 - π)/π) of §3.3
+    prior: float = 0.01  # §4.1 "Initialization": π = 0.01 and the bias b = -log((1 - π)/π); §3.3 introduces π
 
     # §4 "Anchors": assignment of anchors to ground-truth boxes
     fg_iou: float = 0.5  # "assigned to ground-truth object boxes using an [IoU] threshold of 0.5"
@@ -69,8 +69,8 @@ class ModelSettings:
     nms_threshold: float = 0.5  # "non-maximum suppression with a threshold of 0.5 is applied"
     max_detections: int = 100  # not in the paper: COCO scores at most 100 detections per image
 
-    # Image scale, §5.2 "Speed versus Accuracy": the main models are "RetinaNet-800", a shorter side of 800 pixels;
-    # Detectron caps the longer side at 1333
+    # Image scale: a shorter side of 800 pixels, Table 1e's largest (§5.2 "Speed versus Accuracy") and the scale of
+    # §5.3's models; Detectron caps the longer side at 1333
     min_size: int = 800
     max_size: int = 1333
 
@@ -112,6 +112,8 @@ def settings_problems(settings: ModelSettings) -> list[str]:
          and s.anchor_scales and s.anchor_ratios, "anchor sizes, scales and ratios must be positive numbers"),
         (0 < s.bg_iou <= s.fg_iou <= 1, f"need 0 < bg_iou <= fg_iou <= 1, got {s.bg_iou} and {s.fg_iou}"),
         (0 < s.prior < 1, f"prior must be in (0, 1), got {s.prior}"),
+        (s.gamma >= 0, f"gamma must be >= 0, got {s.gamma}"),
+        (s.alpha <= 1, f"alpha must be in [0, 1] (or negative: no α-balancing), got {s.alpha}"),
         (len(s.box_coder_std) == 4 and all(value > 0 for value in s.box_coder_std),
          f"box_coder_std needs 4 positive numbers, got {s.box_coder_std}"),
         (s.smooth_l1_beta >= 0, f"smooth_l1_beta must be >= 0, got {s.smooth_l1_beta}"),

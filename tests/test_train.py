@@ -10,6 +10,7 @@ import train
 
 from retinanet.data.shapes import make_shapes_dataset
 from retinanet.engine.checkpoint import read_checkpoint, save_checkpoint
+from retinanet.engine.models import load_model
 from retinanet.engine.runtime import resolve_device
 from retinanet.model import RetinaNet
 from retinanet.optimization import ADAMW_LR, build_optimizer, lr_factor
@@ -53,6 +54,59 @@ def test_a_typed_epochs_wins_over_the_datasets_default_iterations():
     assert config.iters == 7  # both typed: --iters wins, as --help says
     assert train.settle(train.parse_args(["--dataset", "coco", "--coco_path", "x"]), 1).iters == 90_000
 
+
+
+def schedule_of(argv: list[str], iters_per_epoch: int) -> train.Schedule:
+    return train.plan_schedule(train.settle(train.parse_args(argv), world_size=1), iters_per_epoch)
+
+
+def test_a_default_warmup_takes_at_most_a_tenth_of_the_run_and_a_typed_one_is_kept():
+    csv = ["--dataset", "csv", "--csv_train", "x", "--csv_classes", "y"]
+    # 36 images in batches of 4, 400 iterations: 40 of warmup, not the recipe's 500; 45 epochs, reported every 2
+    short = schedule_of([*csv, "--iters", "400"], iters_per_epoch=9)
+    assert (short.warmup_iters, short.milestones, short.epochs, short.eval_every, short.save_every) == (
+        40, [266, 355], 45, 2, 2)
+    assert schedule_of([*csv, "--iters", "400", "--warmup_iters", "500"], 9).warmup_iters == 500
+    assert schedule_of([*csv, "--iters", "400", "--eval_every", "5"], 9).eval_every == 5
+    coco = schedule_of(["--dataset", "coco", "--coco_path", "x"], iters_per_epoch=7330)
+    assert (coco.total_iters, coco.warmup_iters, coco.milestones, coco.eval_every) == (90_000, 500, [60_000, 80_000], 1)
+    assert schedule_of([], iters_per_epoch=188).warmup_iters == 112  # the demo: 6 epochs of 188
+
+
+def test_a_short_run_reaches_its_lr_and_says_its_schedule_first(tmp_path, capsys):
+    # 12 images in batches of 4: 3 iterations an epoch, 30 iterations, a default warmup (3 iterations, not 200)
+    flags = tiny_run_flags(tmp_path, "--iters", "30", "--lr", "0.0002")
+    warmup = flags.index("--warmup_iters")
+    assert train.main(flags[:warmup] + flags[warmup + 2:]) == 0
+    out = capsys.readouterr().out
+    assert ("schedule: 30 iterations (10 epochs of 3), lr 0.0002 after a linear warmup of 3 iterations, multiplied "
+            "by 0.1 at iterations 20 and 26; no validation, last.pt every 1 epoch(s)") in out
+    epoch_lrs = [line.rsplit(", lr ", 1)[1].split(",")[0] for line in out.splitlines() if line.startswith("epoch ")]
+    assert epoch_lrs == ["0.0002"] * 6 + ["2e-05"] * 2 + ["2e-06"] * 2  # after iterations 3, 6, ..., 30
+    assert "warning" not in out
+
+
+def test_a_typed_warmup_longer_than_the_run_is_warned_of_and_the_run_goes_on(tmp_path, capsys):
+    flags = tiny_run_flags(tmp_path, "--iters", "6")
+    flags[flags.index("--warmup_iters") + 1] = "100"
+    assert train.main(flags) == 0
+    assert ("warning: the warmup of 100 iterations is longer than the run (6 iterations, lr steps at 4, 5): the lr "
+            "never reaches 0.0003, at most 1.2e-05; training goes on") in capsys.readouterr().out
+    assert read_checkpoint(str(tmp_path / "out" / "last.pt"))["iteration"] == 6
+
+
+def test_focal_gamma_and_alpha_train_resume_and_load_with_the_checkpoint(tmp_path):
+    # Table 1a's α-balanced cross entropy: γ = 0, α = 0.75
+    assert train.main(tiny_run_flags(tmp_path, "--iters", "1", "--focal_gamma", "0", "--focal_alpha", "0.75")) == 0
+    last = str(tmp_path / "out" / "last.pt")
+    assert read_checkpoint(last)["model_settings"]["gamma"] == 0.0
+    assert train.main(tiny_run_flags(tmp_path, "--iters", "2", "--resume", last)) == 0
+    with pytest.raises(ValueError, match=r"gamma 0.0 \(asked for: 2.0\)"):
+        train.main(tiny_run_flags(tmp_path, "--iters", "3", "--resume", last, "--focal_gamma", "2"))
+    loaded = load_model(last).model
+    assert (loaded.settings.gamma, loaded.settings.alpha) == (0.0, 0.75) and loaded.loss.settings.gamma == 0.0
+    with pytest.raises(ValueError, match="gamma must be >= 0"):
+        train.main(tiny_run_flags(tmp_path, "--iters", "1", "--focal_gamma", "-1"))
 
 def test_no_weight_decay_on_biases_and_batchnorm():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))

@@ -2,7 +2,7 @@
 image size training resizes to.
 
 "anchors are assigned to ground-truth object boxes using an intersection-over-union (IoU) threshold of 0.5" (§4):
-a box whose best anchor overlaps it less than that gets no foreground anchor from the paper's rule. With low-quality
+a box whose best anchor overlaps it less than that gets no foreground anchor from that threshold. With low-quality
 matches (settings.py, on by default as in detectron2 and torchvision) it still gets its best anchors, below 0.5;
 without them, none. The paper's anchors (areas 32² to 512², ratios 1:2, 1:1, 2:1) cover COCO's objects at 800
 pixels; small, thin or large objects of other data may not be covered, and are then learnt from low-quality
@@ -119,7 +119,7 @@ class Coverage:
     shorter_sides: tuple[int, ...]
 
     def covered(self) -> torch.Tensor:
-        """(S, G) bool: the box has an anchor of IoU >= fg_iou, a foreground anchor by the paper's rule."""
+        """(S, G) bool: the box has an anchor of IoU >= fg_iou, a foreground anchor by the 0.5 threshold of §4 "Anchors"."""
         return self.best_iou >= self.settings.fg_iou
 
     def low_quality_only(self) -> torch.Tensor:
