@@ -9,9 +9,9 @@ import argparse
 import sys
 
 from retinanet.data.datasets import CocoDataset
-from retinanet.engine.batch_inference import check_class_names, predict_dataset
-from retinanet.engine.coco_evaluation import evaluate_coco
-from retinanet.engine.flags import given, inference_flags, run_script
+from retinanet.engine.batch_inference import cap_report, check_class_names, predict_dataset
+from retinanet.engine.coco_evaluation import MAX_DETECTIONS_PER_IMAGE, evaluate_coco
+from retinanet.engine.flags import inference_flags, inference_settings, run_script
 from retinanet.engine.models import load_model
 from retinanet.engine.runtime import resolve_device
 from retinanet.transforms import build_transform
@@ -29,14 +29,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
-    model, class_names = load_model(args.model, device, **given(min_size=args.min_size, max_size=args.max_size))
+    model, class_names = load_model(args.model, device, **inference_settings(vars(args)))
     transform = build_transform(False, model.settings.min_size, model.settings.max_size)
     dataset = CocoDataset(args.coco_path, args.set_name, transform)
     check_class_names(class_names, dataset.class_names)
     print(f"detecting with {args.model} on {len(dataset)} images of COCO {args.set_name} ({dataset.num_classes} "
           f"classes) on {device}")
     predictions = predict_dataset(model, dataset, batch_size=args.batch_size, workers=args.workers)
-    stats = evaluate_coco(predictions, dataset, output_dir=args.output_dir, set_name=args.set_name)
+    print(cap_report(predictions, model.settings.max_detections) or "no image reached the cap of detections")
+    # COCO's metric counts 100 detections an image, or those asked for with --max_detections
+    stats = evaluate_coco(predictions, dataset, output_dir=args.output_dir, set_name=args.set_name,
+                          max_detections=args.max_detections or MAX_DETECTIONS_PER_IMAGE)
     print(f"AP@[.5:.95] {stats[0]:.4f}, AP50 {stats[1]:.4f}, AP75 {stats[2]:.4f}")
 
 

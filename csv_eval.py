@@ -17,9 +17,9 @@ import sys
 
 from retinanet.data.annotations import read_class_list
 from retinanet.data.datasets import CSVDataset, VOCDataset
-from retinanet.engine.batch_inference import check_class_names, predict_dataset
+from retinanet.engine.batch_inference import cap_report, check_class_names, predict_dataset
 from retinanet.engine.evaluation import evaluate
-from retinanet.engine.flags import given, inference_flags, run_script
+from retinanet.engine.flags import inference_flags, inference_settings, run_script
 from retinanet.engine.models import load_model
 from retinanet.engine.runtime import resolve_device
 from retinanet.transforms import build_transform
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
-    model, class_names = load_model(args.model, device, **given(min_size=args.min_size, max_size=args.max_size))
+    model, class_names = load_model(args.model, device, **inference_settings(vars(args)))
     transform = build_transform(False, model.settings.min_size, model.settings.max_size)
     if args.csv_annotations:
         dataset = CSVDataset(args.csv_annotations, args.csv_classes, transform)
@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"detecting with {args.model} on {len(dataset)} images of {source} ({dataset.num_classes} classes) on "
           f"{device}")
     predictions = predict_dataset(model, dataset, batch_size=args.batch_size, workers=args.workers)
+    print(cap_report(predictions, model.settings.max_detections) or "no image reached the cap of detections")
     evaluate(predictions, dataset, iou_threshold=args.iou_threshold, score_threshold=args.score_threshold,
              use_07_metric=args.voc07, pr_curves_dir=args.pr_curves)
     if args.pr_curves is None:

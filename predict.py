@@ -18,9 +18,10 @@ import argparse
 import os
 import sys
 
+from retinanet.engine.batch_inference import cap_report
 from retinanet.engine.detection_files import collect_images, output_format, predict_images, write_detections
 from retinanet.engine.drawing import DRAW_THRESHOLD, draw_predictions
-from retinanet.engine.flags import given, inference_flags, run_script
+from retinanet.engine.flags import given, inference_flags, inference_settings, run_script
 from retinanet.engine.models import load_model
 from retinanet.engine.runtime import default_workers, resolve_device
 from retinanet.engine.tiling import DEFAULT_OVERLAP
@@ -35,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tile_overlap", type=float, metavar="FRACTION", help=f"with --tile: how much neighbouring tiles overlap at least, a fraction of a tile (default {DEFAULT_OVERLAP})")
     parser.add_argument("--draw", metavar="DIR", help="also save each image with its detections drawn on it into DIR")
     parser.add_argument("--draw_threshold", type=float, help=f"with --draw: draw the detections with at least this score (default {DRAW_THRESHOLD})")
-    for name, options in inference_flags(workers=default_workers()):
+    for name, options in inference_flags(workers=default_workers(), detection_threshold=False):
         parser.add_argument(name, **options)
     args = parser.parse_args(argv)
     for flag, needed in (("tile_overlap", "tile"), ("draw_threshold", "draw")):
@@ -51,12 +52,15 @@ def run(args: argparse.Namespace) -> int:
     """Predict, write the detections (and drawings), and name the images that could not be read."""
     output_format(args.output)  # a wrong extension stops the run before the model is loaded
     image_paths = collect_images(args.inputs)
-    changes = given(min_size=args.min_size, max_size=args.max_size, score_threshold=args.score_threshold)
+    changes = inference_settings(vars(args)) | given(score_threshold=args.score_threshold)
     model, class_names = load_model(args.model, resolve_device(args.device), **changes)
     found = predict_images(model, class_names, image_paths, args.batch_size, args.workers, args.tile,
                            DEFAULT_OVERLAP if args.tile_overlap is None else args.tile_overlap)
     count = write_detections(args.output, found)
     print(f"wrote {count} detections in {len(found.image_paths)} images to {os.path.abspath(args.output)}")
+    capped = None if args.tile else cap_report(found.predictions, model.settings.max_detections)  # tiles: per tile
+    if capped:
+        print(capped)
     if args.draw:
         threshold = DRAW_THRESHOLD if args.draw_threshold is None else args.draw_threshold
         drawn = draw_predictions(found.image_paths, found.predictions, found.class_names, args.draw, threshold)

@@ -34,7 +34,7 @@ from retinanet.engine.batch_inference import check_class_names
 from retinanet.engine.checkpoint import checkpoint_settings, read_checkpoint
 from retinanet.engine.drawing import (DRAW_THRESHOLD, draw_training_samples, show_images, visualize_anchors,
                                       visualize_dataset, visualize_images)
-from retinanet.engine.flags import ANCHOR_FLAGS, given, inference_flags, run_script
+from retinanet.engine.flags import ANCHOR_FLAGS, given, inference_flags, inference_settings, run_script
 from retinanet.engine.models import load_model
 from retinanet.engine.runtime import resolve_device
 from retinanet.settings import ModelSettings
@@ -105,7 +105,7 @@ def build_dataset(args: argparse.Namespace, class_names: list[str] | None,
 def draw_detections(args: argparse.Namespace) -> list[str]:
     """Load the model and draw its detections on the images or the dataset; returns the paths written."""
     device = resolve_device(args.device)
-    model, class_names = load_model(args.model, device, **given(min_size=args.min_size, max_size=args.max_size))
+    model, class_names = load_model(args.model, device, **inference_settings(vars(args)))
     options = dict(score_threshold=args.score_threshold, batch_size=args.batch_size, workers=args.workers)
     if args.images is not None:
         image_paths = find_images(args.images)[: args.limit]

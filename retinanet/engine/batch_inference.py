@@ -42,6 +42,16 @@ def to_original_pixels(
     }
 
 
+def cap_report(predictions: list[dict[str, np.ndarray]], max_detections: int) -> str | None:
+    """A line saying how many images reached the cap of detections, whose boxes past it were dropped; None if none
+    did."""
+    capped = sum(len(prediction["scores"]) >= max_detections for prediction in predictions)
+    if not capped:
+        return None
+    return (f"{capped} of {len(predictions)} images reached the cap of {max_detections} detections an image and may "
+            f"have lost boxes past it: raise it with --max_detections")
+
+
 def predict_dataset(
     model: nn.Module,
     dataset: DetectionDataset,

@@ -23,14 +23,15 @@ STAT_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
               "AR@1", "AR@10", "AR@100", "AR_small", "AR_medium", "AR_large")
 
 
-def coco_results(predictions: list[dict[str, np.ndarray]], dataset: CocoDataset) -> list[dict]:
+def coco_results(predictions: list[dict[str, np.ndarray]], dataset: CocoDataset,
+                 max_detections: int = MAX_DETECTIONS_PER_IMAGE) -> list[dict]:
     """COCO results entries {"image_id", "category_id", "bbox": [x, y, width, height], "score"} from
-    predict_dataset's output (boxes in original pixels), the 100 highest-scoring detections of each image."""
+    predict_dataset's output (boxes in original pixels), the `max_detections` highest-scoring of each image."""
     if len(predictions) != len(dataset.image_ids):
         raise ValueError(f"{len(predictions)} predictions for a dataset of {len(dataset.image_ids)} images")
     results = []
     for index, prediction in enumerate(predictions):
-        top = np.argsort(-prediction["scores"], kind="stable")[:MAX_DETECTIONS_PER_IMAGE]
+        top = np.argsort(-prediction["scores"], kind="stable")[:max_detections]
         for box, score, label in zip(prediction["boxes"][top], prediction["scores"][top], prediction["labels"][top]):
             if int(label) not in dataset.label_to_coco_id:
                 raise ValueError(f"predicted label {int(label)} has no COCO category; the dataset has "
@@ -45,9 +46,11 @@ def coco_results(predictions: list[dict[str, np.ndarray]], dataset: CocoDataset)
     return results
 
 
-def run_cocoeval(coco_gt: COCO, results: list[dict], image_ids: Sequence[int]) -> list[float]:
-    """COCOeval("bbox") of `results` on the images `image_ids`; prints its 12-line summary and returns the 12
-    stats (STAT_NAMES; -1 where the ground truth has no box of that size). No detections at all give zeros."""
+def run_cocoeval(coco_gt: COCO, results: list[dict], image_ids: Sequence[int],
+                 max_detections: int = MAX_DETECTIONS_PER_IMAGE) -> list[float]:
+    """COCOeval("bbox") of `results` on the images `image_ids`, counting the `max_detections` best of each image
+    (COCO's 100 by default); prints its 12-line summary and returns the 12 stats (STAT_NAMES; -1 where the ground
+    truth has no box of that size). No detections at all give zeros."""
     if len(image_ids) == 0:
         raise ValueError("no images to evaluate on")
     if not results:
@@ -57,6 +60,7 @@ def run_cocoeval(coco_gt: COCO, results: list[dict], image_ids: Sequence[int]) -
         detections = coco_gt.loadRes([dict(result) for result in results])  # copies: loadRes adds keys to each
         evaluator = COCOeval(coco_gt, detections, "bbox")
         evaluator.params.imgIds = list(image_ids)
+        evaluator.params.maxDets = [1, 10, max_detections]  # COCO's [1, 10, 100]: AP counts the last
         evaluator.evaluate()
         evaluator.accumulate()
     evaluator.summarize()
@@ -73,12 +77,13 @@ def evaluate_coco(
     dataset: CocoDataset,
     output_dir: str = ".",
     set_name: str | None = None,
+    max_detections: int = MAX_DETECTIONS_PER_IMAGE,
 ) -> list[float]:
     """Score predict_dataset's predictions on `dataset`: write them to results_path(output_dir, set_name), run
-    COCOeval and return its 12 stats (stats[0] is AP@[.5:.95])."""
-    results = coco_results(predictions, dataset)
+    COCOeval counting `max_detections` an image and return its 12 stats (stats[0] is AP@[.5:.95])."""
+    results = coco_results(predictions, dataset, max_detections)
     os.makedirs(output_dir, exist_ok=True)
     path = results_path(output_dir, set_name)
     write_text_atomically(path, json.dumps(results))
     print(f"wrote {len(results)} detections on {len(dataset)} images to {os.path.abspath(path)}")
-    return run_cocoeval(dataset.coco, results, dataset.image_ids)
+    return run_cocoeval(dataset.coco, results, dataset.image_ids, max_detections)

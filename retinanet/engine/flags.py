@@ -9,14 +9,20 @@ from typing import Any
 from .runtime import error_message
 
 
-def inference_flags(model_required: bool = True, workers: int = 0) -> list[tuple[str, dict]]:
-    """The flags of every script that runs a trained model: the checkpoint, image size, batching and device, as
-    (name, keyword arguments of add_argument); `workers` is the default of --workers."""
-    return [
+def inference_flags(model_required: bool = True, workers: int = 0,
+                    detection_threshold: bool = True) -> list[tuple[str, dict]]:
+    """The flags of every script that runs a trained model: the checkpoint, image size, the limits of §4.1
+    "Inference", batching and device, as (name, keyword arguments of add_argument); `workers` is the default of
+    --workers; without `detection_threshold`, no --detection_threshold (predict.py calls it --score_threshold)."""
+    threshold = ("--detection_threshold", dict(type=float, help="the model's score threshold, below which detections are dropped (default: the model's, 0.05 as in the paper)"))
+    return [*[threshold][:detection_threshold],
         ("--model", dict(required=model_required, metavar="CHECKPOINT", help="checkpoint written by train.py, or a bare state dict")),
         ("--batch_size", dict(type=int, default=8, help="images per inference batch (default 8)")),
         ("--min_size", dict(type=int, help="shorter image side after resizing (default: as in training; 608 for a bare state dict, as yhenon's)")),
         ("--max_size", dict(type=int, help="longest image side after resizing (default: as in training; 1024 for a bare state dict, as yhenon's)")),
+        ("--max_detections", dict(type=int, help="at most this many detections an image, the best (default: the model's, 100 as COCO scores)")),
+        ("--nms_threshold", dict(type=float, help="IoU at which NMS removes the lower-scored of two boxes of a class (default: the model's, 0.5 as in the paper)")),
+        ("--topk_candidates", dict(type=int, help="candidates kept per pyramid level before NMS (default: the model's, 1000 as in the paper)")),
         ("--device", dict(help="cpu, cuda or cuda:N (default: cuda when available)")),
         ("--workers", dict(type=int, default=workers, help=f"image loading processes (default {workers}; 0: load in this process)")),
     ]
@@ -28,6 +34,16 @@ ANCHOR_FLAGS = (
     ("--anchor_scales", dict(type=float, nargs="+", metavar="SCALE", help="anchor scales per level (paper: 1 1.26 1.587, 2^0, 2^(1/3), 2^(2/3))")),
     ("--anchor_ratios", dict(type=float, nargs="+", metavar="H/W", help="anchor aspect ratios, height / width (paper: 0.5 1 2)")),
 )
+
+
+# The model settings that inference_flags change (settings.py): the image size and §4.1 "Inference"'s limits
+INFERENCE_SETTINGS = ("min_size", "max_size", "max_detections", "nms_threshold", "topk_candidates")
+
+
+def inference_settings(flags: dict) -> dict:
+    """The model settings among a script's flags (its parsed flags as a dict) that were given; --detection_threshold
+    is the setting score_threshold."""
+    return given(**{name: flags[name] for name in INFERENCE_SETTINGS}, score_threshold=flags.get("detection_threshold"))
 
 
 def given(**values) -> dict:
