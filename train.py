@@ -95,6 +95,7 @@ def add_data_arguments(data) -> None:
     data.add_argument("--csv_train", help="CSV annotations for training: path,x1,y1,x2,y2,class_name")
     data.add_argument("--csv_classes", help="CSV class list: class_name,id (VOC: optional, default the 20 VOC classes or the names found)")
     data.add_argument("--csv_val", help="CSV annotations for validation (optional)")
+    data.add_argument("--drop_degenerate_boxes", action="store_true", help="leave out CSV boxes without area (x2 <= x1 or y2 <= y1), counted and named in a warning, instead of stopping")
     data.add_argument("--data_dir", default="data/shapes", help="where the shapes demo data is generated")
     data.add_argument("--shapes_train", type=int, default=1500, help="number of shapes training images")
     data.add_argument("--shapes_val", type=int, default=200, help="number of shapes validation images")
@@ -269,7 +270,9 @@ def build_datasets(config: argparse.Namespace, rank: int, world_size: int):
         return (VOCDataset(*train_voc, class_names, parsed=parsed[train_voc]),
                 VOCDataset(*val_voc, class_names, parsed=parsed[val_voc]) if val_voc else None)
     csv_train, csv_classes, csv_val = csv_files(config, rank, world_size)
-    return CSVDataset(csv_train, csv_classes), CSVDataset(csv_val, csv_classes) if csv_val else None
+    drop = config.drop_degenerate_boxes
+    return (CSVDataset(csv_train, csv_classes, drop_degenerate=drop),
+            CSVDataset(csv_val, csv_classes, drop_degenerate=drop) if csv_val else None)
 
 
 def set_transforms(config: argparse.Namespace, settings: ModelSettings, train_set: DetectionDataset,

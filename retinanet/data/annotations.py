@@ -3,6 +3,7 @@ instances files, each problem a ValueError naming the file and the line or entry
 and the data check (diagnostics/check.py) share them.
 """
 
+import collections
 import contextlib
 import csv
 import io
@@ -94,6 +95,14 @@ def _split_annotation_row(path: str, line: int, row: list[str]) -> tuple[str, li
     return image, fields
 
 
+class DegenerateBox(ValueError):
+    """A CSV row whose box has no area: `kind` says how ("zero width or height", or "corners swapped")."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
 def _parse_annotation_row(
     path: str, line: int, row: list[str], class_index: dict[str, int]
 ) -> tuple[str, list[float] | None]:
@@ -116,7 +125,9 @@ def _parse_annotation_row(
         coordinates.append(value)
     x1, y1, x2, y2 = coordinates
     if x2 <= x1 or y2 <= y1:
-        raise line_error(path, line, f"empty box ({x1}, {y1}, {x2}, {y2}); expected x2 > x1 and y2 > y1")
+        kind = "corners swapped (x2 < x1 or y2 < y1)" if x2 < x1 or y2 < y1 else "zero width or height"
+        message = f"empty box ({x1}, {y1}, {x2}, {y2}); expected x2 > x1 and y2 > y1"
+        raise DegenerateBox(str(line_error(path, line, message)), kind)
     name = fields[4]
     if name not in class_index:
         raise line_error(path, line, f"unknown class {name!r}; the class list has {list(class_index)[:20]}")
@@ -129,17 +140,25 @@ class CSVAnnotations(NamedTuple):
     boxes_of_image: dict[str, list[list[float]]]  # absolute image path -> rows x1, y1, x2, y2, class index
     first_line: dict[str, int]  # image path -> the line it first appears on
     errors: list[ValueError]  # one per malformed row, each naming the file and the line
+    dropped: list[DegenerateBox]  # with drop_degenerate: the rows of boxes without area, left out
 
 
-def read_csv_annotations(train_file: str, class_names: list[str]) -> CSVAnnotations:
+def read_csv_annotations(train_file: str, class_names: list[str], drop_degenerate: bool = False) -> CSVAnnotations:
     """Parse every row of `train_file`. A malformed row is recorded in `errors` rather than raised, so that a
-    data check can list every problem at once; relative image paths are resolved against the file's folder."""
+    data check can list every problem at once; relative image paths are resolved against the file's folder. With
+    `drop_degenerate`, a box without area is not an error: its row goes to `dropped`, and an image all of whose
+    boxes were dropped is left out (kept, it would teach that its objects are background)."""
     class_index = {name: index for index, name in enumerate(class_names)}
-    parsed = CSVAnnotations({}, {}, [])
+    parsed = CSVAnnotations({}, {}, [], [])
+    emptied = set()
     folder = os.path.dirname(os.path.abspath(train_file))
     for line, row in _read_csv_rows(train_file, ANNOTATION_COLUMNS):
         try:
             image, box = _parse_annotation_row(train_file, line, row, class_index)
+        except DegenerateBox as error:
+            (parsed.dropped if drop_degenerate else parsed.errors).append(error)
+            emptied.add(os.path.join(folder, row[0]))
+            continue
         except ValueError as error:
             parsed.errors.append(error)
             continue
@@ -148,7 +167,18 @@ def read_csv_annotations(train_file: str, class_names: list[str]) -> CSVAnnotati
         parsed.boxes_of_image.setdefault(image_path, [])
         if box is not None:
             parsed.boxes_of_image[image_path].append(box)
+    for image_path in emptied if drop_degenerate else ():
+        if not parsed.boxes_of_image.get(image_path):
+            parsed.boxes_of_image.pop(image_path, None)
+            parsed.first_line.pop(image_path, None)
     return parsed
+
+
+def dropped_report(train_file: str, dropped: list[DegenerateBox], shown: int = 3) -> str:
+    """One line: how many boxes without area were left out of `train_file`, by kind, and the first few rows."""
+    counts = ", ".join(f"{count} {kind}" for kind, count in collections.Counter(e.kind for e in dropped).items())
+    first = "; ".join(str(error) for error in dropped[:shown])
+    return f"{train_file}: dropped {len(dropped)} box(es) without area ({counts}); first: {first}"
 
 
 def read_csv_image_paths(train_file: str) -> list[str]:

@@ -12,7 +12,7 @@ import torch
 
 from ..dataloader import DetectionDataset
 from ..transforms import Transform
-from .annotations import MAX_LISTED, load_coco, read_class_list, read_csv_annotations
+from .annotations import MAX_LISTED, dropped_report, load_coco, read_class_list, read_csv_annotations
 from .images import read_image_size, read_rgb_image
 from .voc import ParsedVOC, VOCSet, boxes_of_files, found_class_names, is_voc2007_test, read_voc_set
 
@@ -52,13 +52,17 @@ class CSVDataset(ImageFileDataset):
 
     train_file rows: `path,x1,y1,x2,y2,class_name`, several rows per image, `path,,,,,` for an image without
     objects; relative paths are relative to the CSV file's folder. class_list rows: `class_name,id`, ids 0..K-1.
-    Neither file has a header. Malformed rows raise ValueError naming the file and line.
+    Neither file has a header. Malformed rows raise ValueError naming the file and line; with `drop_degenerate`,
+    boxes without area (x2 <= x1 or y2 <= y1) are left out with a warning that counts them instead.
     """
 
-    def __init__(self, train_file: str, class_list: str, transform: Transform | None = None):
+    def __init__(self, train_file: str, class_list: str, transform: Transform | None = None,
+                 drop_degenerate: bool = False):
         class_names = read_class_list(class_list)
-        parsed = read_csv_annotations(train_file, class_names)
+        parsed = read_csv_annotations(train_file, class_names, drop_degenerate)
         _raise_first(parsed.errors, "malformed row(s)")
+        if parsed.dropped:
+            warnings.warn(dropped_report(train_file, parsed.dropped), stacklevel=2)
         image_paths = list(parsed.boxes_of_image)
         _raise_if_missing(train_file, image_paths, [f"line {parsed.first_line[path]}" for path in image_paths])
         annotations = [np.array(boxes, dtype=np.float32).reshape(-1, 5) for boxes in parsed.boxes_of_image.values()]
