@@ -140,8 +140,6 @@ class RetinaNetLoss(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Losses for (B, R, K) class logits and (B, R, 4) box offsets given (R, 4) anchors and (B, G, 5)
         annotations (x1, y1, x2, y2, class index; padding rows -1). Returns two float32 scalars."""
-        if annotations.shape[1] == 0:  # no boxes in the whole batch: one padding row keeps the gather valid
-            annotations = F.pad(annotations, (0, 0, 0, 1), value=-1.0)  # (B, 0, 5) -> (B, 1, 5)
         # One image at a time on a CPU, whose allocator then recycles the (R, K) temporaries; the batch at once on GPUs.
         per_chunk = 1 if cls_logits.device.type == "cpu" else len(annotations)
         chunks = zip(cls_logits.split(per_chunk), box_deltas.split(per_chunk), annotations.split(per_chunk))
@@ -154,16 +152,10 @@ class RetinaNetLoss(nn.Module):
                       anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The focal loss summed over every anchor and class, the box loss summed over foreground anchors, and the
         number of foreground anchors, of (b, R, K) logits, (b, R, 4) deltas and (b, G, 5) annotations."""
-        matches = match_batch(anchors, annotations[..., :4], annotations[..., 4] >= 0, **self.match_kwargs)  # (b, R)
+        matches, matched, positive = self.targets(anchors, annotations, cls_logits.shape[-1])
         foreground = matches >= 0  # (b, R)
-        matched = torch.gather(
-            annotations, 1, matches.clamp(min=0)[..., None].expand(-1, -1, annotations.shape[-1])
-        )  # (b, R, 5): each anchor's box (meaningful only where foreground)
         # Both losses are computed at every anchor and masked, not gathered through boolean masks: a gathered size
         # depends on the data, which on a GPU means waiting for it (a host-device synchronisation).
-        matched_labels = torch.where(foreground, matched[..., 4].long(), BACKGROUND)  # (b, R), -1: no class
-        classes = torch.arange(cls_logits.shape[-1], device=cls_logits.device)  # (K,)
-        positive = matched_labels[..., None] == classes  # (b, R, 1) == (K,) -> (b, R, K) one-hot targets
         # focal_loss's values and gradients, its gradient written out: faster, one saved (b, R, K) tensor, not ten
         focal = fused_focal_loss(cls_logits, positive, self.settings.alpha, self.settings.gamma)  # (b, R, K)
         cls_loss = (focal.sum(dim=-1) * (matches != IGNORED)).sum()  # (b, R, K) -> (b, R) -> ()
@@ -171,6 +163,20 @@ class RetinaNetLoss(nn.Module):
         matched_boxes = torch.where(foreground[..., None], matched[..., :4], anchors)  # (b, R, 4)
         box_loss = (self.regression_loss(box_deltas.float(), anchors, matched_boxes) * foreground).sum()
         return cls_loss, box_loss, foreground.sum()
+
+    def targets(self, anchors: torch.Tensor, annotations: torch.Tensor,
+                num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What training asks of each anchor of (b, G, 5) annotations: its match (b, R) (a box index, BACKGROUND or
+        IGNORED), that box (b, R, 5) (meaningful only where matched) and the (b, R, K) bool one-hot class targets."""
+        if annotations.shape[1] == 0:  # no boxes in the whole batch: one padding row keeps the gather valid
+            annotations = F.pad(annotations, (0, 0, 0, 1), value=-1.0)  # (b, 0, 5) -> (b, 1, 5)
+        matches = match_batch(anchors, annotations[..., :4], annotations[..., 4] >= 0, **self.match_kwargs)  # (b, R)
+        matched = torch.gather(
+            annotations, 1, matches.clamp(min=0)[..., None].expand(-1, -1, annotations.shape[-1])
+        )  # (b, R, 5)
+        matched_labels = torch.where(matches >= 0, matched[..., 4].long(), BACKGROUND)  # (b, R), -1: no class
+        classes = torch.arange(num_classes, device=annotations.device)  # (K,)
+        return matches, matched, matched_labels[..., None] == classes  # (b, R, 1) == (K,) -> (b, R, K)
 
     def regression_loss(self, deltas: torch.Tensor, anchors: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
         """Box loss (B, R) of (B, R, 4) predicted offsets from (R, 4) anchors against (B, R, 4) boxes."""

@@ -2,8 +2,8 @@
 
     python tools/paper_figures.py figure1                          # §3.2: the focal loss against p_t
     python tools/paper_figures.py figure4 --model output/best.pt   # §5.1: CDFs of the loss of a trained model
-    python tools/paper_figures.py table1                           # §5.1: 6 training runs, about 30 min on 2 cores
-    python tools/paper_figures.py table1 --quick                   # the same 6 rows, shorter runs, about 8 min
+    python tools/paper_figures.py table1                           # §5.1: 6 training runs, 28 min on 2 cores
+    python tools/paper_figures.py table1 --quick                   # the same 6 rows, 200 images for 4 epochs each
 
 Each writes a PNG (and table1 a Markdown table) into --output_dir (default figures/) and prints the numbers behind
 it. Figure 4 reads any checkpoint train.py writes, on the demo's validation images by default or on CSV, COCO or VOC
@@ -24,7 +24,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +37,7 @@ from retinanet.engine.batch_inference import predict_dataset  # noqa: E402
 from retinanet.engine.coco_evaluation import evaluate_coco  # noqa: E402
 from retinanet.engine.flags import run_script  # noqa: E402
 from retinanet.engine.models import load_model  # noqa: E402
-from retinanet.losses import IGNORED, focal_loss, match_batch  # noqa: E402
+from retinanet.losses import IGNORED, focal_loss  # noqa: E402
 from retinanet.transforms import build_transform  # noqa: E402
 
 FIGURE1_GAMMAS = (0.0, 0.5, 1.0, 2.0, 5.0)  # Figure 1's curves
@@ -83,22 +82,15 @@ def plot_figure1(path: str) -> dict[float, np.ndarray]:
 @torch.no_grad()
 def labelled_logits(model, dataset, num_images: int, batch_size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """The logits of every (anchor, class) pair that training labels 1 (positives) and 0 (negatives) on the first
-    `num_images` images of `dataset`, ignored anchors left out, as losses.RetinaNetLoss labels them: two 1-D
-    float32 tensors."""
+    `num_images` images of `dataset`, ignored anchors left out, labelled by the model's own loss: two 1-D float32
+    tensors."""
     model.eval()
     subset = Subset(dataset, range(min(num_images, len(dataset))))
     positives, negatives = [], []
     for batch in DataLoader(subset, batch_size=batch_size, collate_fn=collate):
-        images, annotations = batch["images"], batch["annotations"]
-        if annotations.shape[1] == 0:  # one padding row keeps the gather valid, as in RetinaNetLoss
-            annotations = F.pad(annotations, (0, 0, 0, 1), value=-1.0)  # (B, 0, 5) -> (B, 1, 5)
+        images = batch["images"]
         cls_logits, _ = model.network_outputs(images)  # (B, R, K)
-        settings = model.settings
-        matches = match_batch(model.anchors(images), annotations[..., :4], annotations[..., 4] >= 0,
-                              settings.fg_iou, settings.bg_iou, settings.allow_low_quality_matches)  # (B, R)
-        matched_class = torch.gather(annotations[..., 4], 1, matches.clamp(min=0))  # (B, R)
-        labels = torch.where(matches >= 0, matched_class.long(), -1)  # (B, R)
-        positive = labels[..., None] == torch.arange(cls_logits.shape[-1])  # (B, R, 1) == (K,) -> (B, R, K)
+        matches, _, positive = model.loss.targets(model.anchors(images), batch["annotations"], model.num_classes)
         counted = (matches != IGNORED)[..., None].expand_as(positive)  # (B, R, K)
         positives.append(cls_logits[positive & counted].float())
         negatives.append(cls_logits[~positive & counted].float())
