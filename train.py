@@ -173,12 +173,9 @@ class Schedule(NamedTuple):
     iters_per_epoch: int
     warmup_iters: int
     milestones: list[int]
+    epochs: int  # the last one may stop short, at total_iters
     eval_every: int  # epochs between evaluations (0: never)
     save_every: int  # epochs between saves of last.pt
-
-    @property
-    def epochs(self) -> int:
-        return math.ceil(self.total_iters / self.iters_per_epoch)
 
 
 def plan_schedule(config: argparse.Namespace, iters_per_epoch: int) -> Schedule:
@@ -191,7 +188,7 @@ def plan_schedule(config: argparse.Namespace, iters_per_epoch: int) -> Schedule:
     save_every = max(1, epochs // REPORTS_PER_RUN)
     eval_every = config.eval_every if config.eval_every is not None else save_every
     return Schedule(total_iters, iters_per_epoch, warmup_iters, config.milestones or default_milestones(total_iters),
-                    eval_every, save_every)
+                    epochs, eval_every, save_every)
 
 
 def describe_schedule(schedule: Schedule, config: argparse.Namespace) -> str:

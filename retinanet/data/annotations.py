@@ -3,7 +3,6 @@ instances files, each problem a ValueError naming the file and the line or entry
 and the data check (diagnostics/check.py) share them.
 """
 
-import collections
 import contextlib
 import csv
 import io
@@ -150,13 +149,16 @@ def read_csv_annotations(train_file: str, class_names: list[str], drop_degenerat
     boxes were dropped is left out (kept, it would teach that its objects are background)."""
     class_index = {name: index for index, name in enumerate(class_names)}
     parsed = CSVAnnotations({}, {}, [], [])
-    emptied = set()
+    emptied = set()  # with drop_degenerate: the images that had a box dropped
     folder = os.path.dirname(os.path.abspath(train_file))
     for line, row in _read_csv_rows(train_file, ANNOTATION_COLUMNS):
         try:
             image, box = _parse_annotation_row(train_file, line, row, class_index)
         except DegenerateBox as error:
-            (parsed.dropped if drop_degenerate else parsed.errors).append(error)
+            if not drop_degenerate:
+                parsed.errors.append(error)
+                continue
+            parsed.dropped.append(error)
             emptied.add(os.path.join(folder, row[0]))
             continue
         except ValueError as error:
@@ -167,7 +169,7 @@ def read_csv_annotations(train_file: str, class_names: list[str], drop_degenerat
         parsed.boxes_of_image.setdefault(image_path, [])
         if box is not None:
             parsed.boxes_of_image[image_path].append(box)
-    for image_path in emptied if drop_degenerate else ():
+    for image_path in emptied:
         if not parsed.boxes_of_image.get(image_path):
             parsed.boxes_of_image.pop(image_path, None)
             parsed.first_line.pop(image_path, None)
@@ -176,7 +178,7 @@ def read_csv_annotations(train_file: str, class_names: list[str], drop_degenerat
 
 def dropped_report(train_file: str, dropped: list[DegenerateBox], shown: int = 3) -> str:
     """One line: how many boxes without area were left out of `train_file`, by kind, and the first few rows."""
-    counts = ", ".join(f"{count} {kind}" for kind, count in collections.Counter(e.kind for e in dropped).items())
+    counts = ", ".join(f"{count} {kind}" for kind, count in Counter(e.kind for e in dropped).items())
     first = "; ".join(str(error) for error in dropped[:shown])
     return f"{train_file}: dropped {len(dropped)} box(es) without area ({counts}); first: {first}"
 

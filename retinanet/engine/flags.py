@@ -15,7 +15,7 @@ def inference_flags(model_required: bool = True, workers: int = 0,
     "Inference", batching and device, as (name, keyword arguments of add_argument); `workers` is the default of
     --workers; without `detection_threshold`, no --detection_threshold (predict.py calls it --score_threshold)."""
     threshold = ("--detection_threshold", dict(type=float, help="the model's score threshold, below which detections are dropped (default: the model's, 0.05 as in the paper)"))
-    return [*[threshold][:detection_threshold],
+    return ([threshold] if detection_threshold else []) + [
         ("--model", dict(required=model_required, metavar="CHECKPOINT", help="checkpoint written by train.py, or a bare state dict")),
         ("--batch_size", dict(type=int, default=8, help="images per inference batch (default 8)")),
         ("--min_size", dict(type=int, help="shorter image side after resizing (default: as in training; 608 for a bare state dict, as yhenon's)")),
