@@ -5,9 +5,13 @@ and recall at a score threshold, and one precision-recall curve per class.
     python csv_eval.py --csv_annotations val.csv --csv_classes classes.csv --model output/best.pt
     python csv_eval.py --voc_path VOCdevkit/VOC2007 --set_name test --model output/best.pt   # 11-point AP
     python csv_eval.py ... --pr_curves pr_curves/      # also save a precision-recall plot per class
+    python csv_eval.py --csv_annotations large.csv --csv_classes classes.csv --model output/best.pt --tile 800
 
 On VOC data, difficult objects are neither hits nor misses, and VOC2007's test set is scored with the 11-point AP
 of its development kit (--no_voc07 for the all-point AP).
+
+With --tile SIZE, images larger than SIZE x SIZE pixels are predicted tile by tile as predict.py --tile does
+(retinanet/engine/tiling.py), and scored in their own pixels.
 
 How detections are matched and AP computed: retinanet/engine/evaluation.py.
 """
@@ -17,11 +21,13 @@ import sys
 
 from retinanet.data.annotations import read_class_list
 from retinanet.data.datasets import CSVDataset, VOCDataset
+from retinanet.data.tiles import DEFAULT_OVERLAP
 from retinanet.engine.batch_inference import cap_report, check_class_names, predict_dataset
 from retinanet.engine.evaluation import evaluate
 from retinanet.engine.flags import inference_flags, inference_settings, run_script
 from retinanet.engine.models import load_model
 from retinanet.engine.runtime import resolve_device
+from retinanet.engine.tiling import ImageWindows, predict_windows
 from retinanet.transforms import build_transform
 
 
@@ -36,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--voc07", action="store_const", const=True, default=None, help="11-point AP of VOC2007 instead of the all-point AP of VOC2010+ (the default on VOC2007's test set)")
     parser.add_argument("--no_voc07", dest="voc07", action="store_false", default=None, help="the all-point AP on VOC2007's test set too")
     parser.add_argument("--pr_curves", metavar="DIR", help="save one precision-recall plot (PNG) per class into DIR")
+    parser.add_argument("--tile", type=int, metavar="SIZE", help="predict images larger than SIZE x SIZE pixels tile by tile, as predict.py --tile; --batch_size then counts tiles")
+    parser.add_argument("--tile_overlap", type=float, metavar="FRACTION", help=f"with --tile: how much neighbouring tiles overlap at least, a fraction of a tile (default {DEFAULT_OVERLAP})")
+    parser.add_argument("--allow_large_images", action="store_true", help="with --tile: read images past Pillow's limit of about 89 million pixels; only for files you trust")
     for name, options in inference_flags():
         parser.add_argument(name, **options)
     args = parser.parse_args(argv)
@@ -43,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("give either --csv_annotations CSV (with --csv_classes CSV) or --voc_path ROOT")
     if args.csv_annotations and not args.csv_classes:
         parser.error("--csv_annotations needs --csv_classes")
+    for flag, typed in (("tile_overlap", args.tile_overlap is not None), ("allow_large_images", args.allow_large_images)):
+        if typed and args.tile is None:
+            parser.error(f"--{flag} needs --tile")
     return args
 
 
@@ -60,12 +72,31 @@ def run(args: argparse.Namespace) -> None:
     check_class_names(class_names, dataset.class_names)
     print(f"detecting with {args.model} on {len(dataset)} images of {source} ({dataset.num_classes} classes) on "
           f"{device}")
-    predictions = predict_dataset(model, dataset, batch_size=args.batch_size, workers=args.workers)
-    print(cap_report(predictions, model.settings.max_detections) or "no image reached the cap of detections")
+    if args.tile is None:
+        predictions = predict_dataset(model, dataset, batch_size=args.batch_size, workers=args.workers)
+        print(cap_report(predictions, model.settings.max_detections) or "no image reached the cap of detections")
+    else:
+        predictions = predict_tiles(model, dataset.image_paths, args)
     evaluate(predictions, dataset, iou_threshold=args.iou_threshold, score_threshold=args.score_threshold,
              use_07_metric=args.voc07, pr_curves_dir=args.pr_curves)
     if args.pr_curves is None:
         print("results printed above (add --pr_curves DIR to also save precision-recall plots)")
+
+
+def predict_tiles(model, image_paths: list[str], args: argparse.Namespace) -> list[dict]:
+    """Predictions on every image, tiled (tiling.py); ValueError naming the images that could not be read, since a
+    score needs them all."""
+    overlap = DEFAULT_OVERLAP if args.tile_overlap is None else args.tile_overlap
+    windows = ImageWindows(image_paths, model.settings.min_size, model.settings.max_size, args.tile, overlap,
+                           args.allow_large_images)
+    print(f"{len(windows)} windows: images larger than {args.tile} x {args.tile} pixels cut into tiles of that size "
+          f"(overlap >= {overlap:g}), each resized by {windows.resize.scale_for(args.tile, args.tile):.3g}")
+    predictions = predict_windows(model, windows, args.batch_size, args.workers)
+    unread = [windows.unreadable.get(number) or windows.undecodable_reason(number)
+              for number, prediction in enumerate(predictions) if prediction is None]
+    if unread:
+        raise ValueError(f"{len(unread)} image(s) could not be read: " + "; ".join(unread[:5]))
+    return predictions
 
 
 def main(argv: list[str] | None = None) -> int:

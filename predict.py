@@ -18,13 +18,13 @@ import argparse
 import os
 import sys
 
+from retinanet.data.tiles import DEFAULT_OVERLAP
 from retinanet.engine.batch_inference import cap_report
 from retinanet.engine.detection_files import collect_images, output_format, predict_images, write_detections
 from retinanet.engine.drawing import DRAW_THRESHOLD, draw_predictions
 from retinanet.engine.flags import given, inference_flags, inference_settings, run_script
 from retinanet.engine.models import load_model
 from retinanet.engine.runtime import default_workers, resolve_device
-from retinanet.engine.tiling import DEFAULT_OVERLAP
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--score_threshold", type=float, help="keep detections with at least this score (default: the model's, 0.05 as in the paper)")
     parser.add_argument("--tile", type=int, metavar="SIZE", help="cut images larger than SIZE x SIZE pixels into overlapping tiles of that size, each resized by min_size / SIZE; --batch_size then counts tiles")
     parser.add_argument("--tile_overlap", type=float, metavar="FRACTION", help=f"with --tile: how much neighbouring tiles overlap at least, a fraction of a tile (default {DEFAULT_OVERLAP})")
+    parser.add_argument("--allow_large_images", action="store_true", help="read images past Pillow's limit of about 89 million pixels (a 20,000 x 20,000 orthophoto, with --tile); only for files you trust")
     parser.add_argument("--draw", metavar="DIR", help="also save each image with its detections drawn on it into DIR")
     parser.add_argument("--draw_threshold", type=float, help=f"with --draw: draw the detections with at least this score (default {DRAW_THRESHOLD})")
     for name, options in inference_flags(workers=default_workers(), detection_threshold=False):
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     changes = inference_settings(vars(args)) | given(score_threshold=args.score_threshold)
     model, class_names = load_model(args.model, resolve_device(args.device), **changes)
     found = predict_images(model, class_names, image_paths, args.batch_size, args.workers, args.tile,
-                           DEFAULT_OVERLAP if args.tile_overlap is None else args.tile_overlap)
+                           DEFAULT_OVERLAP if args.tile_overlap is None else args.tile_overlap, args.allow_large_images)
     count = write_detections(args.output, found)
     print(f"wrote {count} detections in {len(found.image_paths)} images to {os.path.abspath(args.output)}")
     capped = None if args.tile else cap_report(found.predictions, model.settings.max_detections)  # tiles: per tile

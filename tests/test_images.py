@@ -98,4 +98,15 @@ def test_decompression_bombs_are_refused(tmp_path, monkeypatch, side):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(ValueError, match="decompression bomb") as error:
         read_rgb_image(str(path))
-    assert str(path) in str(error.value)
+    assert str(path) in str(error.value) and "--allow_large_images" in str(error.value)
+
+
+def test_images_past_the_pixel_limit_are_read_where_asked_and_the_limit_stays(tmp_path, monkeypatch):
+    path = save_image(tmp_path / "big.png", 30, 20, color=(10, 20, 30))  # 600 pixels > 2 * 100
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    assert read_image_size(str(path), allow_large=True) == (20, 30)
+    image = read_rgb_image(str(path), allow_large=True)
+    assert image.shape == (3, 20, 30) and image[:, 0, 0].tolist() == [10, 20, 30]
+    assert Image.MAX_IMAGE_PIXELS == 100  # restored: the next file is checked again
+    with pytest.raises(ValueError, match="decompression bomb"):
+        read_image_size(str(path))

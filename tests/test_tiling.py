@@ -1,7 +1,7 @@
-"""Tests of retinanet/tiling.py: where tiles lie (by hand), which cut boxes are dropped and how tiles merge (by hand),
-the windows a dataset cuts, images that cannot be read, and tiled prediction on a 2400 x 1800 image of 40 small
-objects with a detector that finds them from the pixels alone (tests/small_objects.py). tests/test_predict.py
-measures the same with a RetinaNet trained on such objects."""
+"""Tests of retinanet/engine/tiling.py (where tiles lie: tests/test_tiles.py): which cut boxes are dropped and how
+tiles merge (by hand), the windows a dataset cuts, images that cannot be read, and tiled prediction on a 2400 x 1800
+image of 40 small objects with a detector that finds them from the pixels alone (tests/small_objects.py).
+tests/test_predict.py measures the same with a RetinaNet trained on such objects."""
 
 import io
 
@@ -12,6 +12,7 @@ from PIL import Image
 from small_objects import CLASS_NAMES, BrightBlobDetector, save_scene, scatter_objects
 from torchvision.ops import box_iou
 
+from retinanet.data import tiles
 from retinanet.engine import tiling
 from retinanet.engine.batch_inference import predict_dataset
 from retinanet.transforms import resize_image
@@ -21,22 +22,6 @@ TILE, OVERLAP = 256, 0.5  # tiles of 256 pixels seen by a model of min_size 64 a
 
 
 # ------------------------------------------------------------------------------------------------------ tiles
-
-
-def test_tiles_overlap_by_at_least_the_fraction_asked_and_end_flush_with_the_image():
-    assert tiling.tile_starts(1000, 400, 0.25) == [0, 300, 600]  # (1000 - 400) / (400 * 0.75) = 2 steps of 300
-    assert tiling.tile_starts(1001, 400, 0.25) == [0, 200, 401, 601]  # 601 / 300 -> 3 steps of 200.33
-    assert tiling.tile_starts(800, 400, 0.0) == [0, 400]  # side by side
-    assert tiling.tile_starts(400, 400, 0.25) == [0] and tiling.tile_starts(250, 400, 0.25) == [0]
-    assert tiling.tile_starts(2400, 384, 0.4) == list(range(0, 2017, 224))  # 2016 / 230.4 -> 9 steps of 224
-
-
-def test_tile_windows_run_row_by_row_and_are_as_low_as_a_low_image():
-    assert tiling.tile_windows(500, 1000, 400, 0.25) == [
-        (0, 0, 400, 400), (300, 0, 700, 400), (600, 0, 1000, 400),
-        (0, 100, 400, 500), (300, 100, 700, 500), (600, 100, 1000, 500),
-    ]
-    assert tiling.tile_windows(300, 1000, 400, 0.25) == [(0, 0, 400, 300), (300, 0, 700, 300), (600, 0, 1000, 300)]
 
 
 @pytest.mark.parametrize("tile_size, overlap", [(0, 0.25), (400, 1.0), (400, -0.1)])
@@ -151,9 +136,9 @@ def large_scene(tmp_path_factory) -> tuple[str, list[tuple]]:
 
 def test_tiled_prediction_finds_every_small_object_once_where_the_whole_image_shows_none(large_scene):
     path, objects = large_scene
-    tiles = torch.tensor(tiling.tile_windows(LARGE_HEIGHT, LARGE_WIDTH, TILE, OVERLAP), dtype=torch.float32)
+    windows = torch.tensor(tiles.tile_windows(LARGE_HEIGHT, LARGE_WIDTH, TILE, OVERLAP), dtype=torch.float32)
     boxes = torch.tensor([box[:4] for box in objects], dtype=torch.float32)
-    crossings = (box_iou(boxes, tiles) > 0) & ~tiling.contains(tiles[None], boxes[:, None])  # (G, N)
+    crossings = (box_iou(boxes, windows) > 0) & ~tiling.contains(windows[None], boxes[:, None])  # (G, N)
     assert len(objects) == 40 and crossings.any(dim=1).sum() == 39  # all but one straddle some tile's side
     detector = BrightBlobDetector().eval()  # min_size = max_size = 64
     tiled = tiling.predict_tiled(detector, path, TILE, OVERLAP)

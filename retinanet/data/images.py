@@ -24,39 +24,47 @@ def require_file(path: str, what: str = "file") -> None:
 
 
 @contextlib.contextmanager
-def _image_errors_as_value_error(path: str) -> Iterator[None]:
-    """Turn Pillow's errors for `path` into a ValueError naming the file; refuse decompression bombs."""
+def _image_errors_as_value_error(path: str, allow_large: bool = False) -> Iterator[None]:
+    """Turn Pillow's errors for `path` into a ValueError naming the file; refuse decompression bombs (images past
+    Pillow's MAX_IMAGE_PIXELS, about 89 million pixels) unless `allow_large`."""
     require_file(path, "image file")
+    limit = Image.MAX_IMAGE_PIXELS
     with warnings.catch_warnings():
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; an error refuses the file either way.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
+            if allow_large:
+                Image.MAX_IMAGE_PIXELS = None  # Pillow reads it when it opens a file: no limit for this one
             yield
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise ValueError(
-                f"{path}: image refused as a possible decompression bomb ({error}); if the file is trusted, "
-                f"raise PIL.Image.MAX_IMAGE_PIXELS (now {Image.MAX_IMAGE_PIXELS})"
+                f"{path}: image refused as a possible decompression bomb ({error}); if the file is trusted, read it "
+                f"with allow_large=True (the scripts' --allow_large_images)"
             ) from error
         # SyntaxError: Pillow's PNG reader raises it for a corrupt chunk in the middle of a file.
         except (UnidentifiedImageError, OSError, SyntaxError) as error:
             raise ValueError(f"{path}: cannot decode image: {error}") from error
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
 
 
-def read_image_size(path: str) -> tuple[int, int]:
-    """(height, width) of an image file, read from its header without decoding the pixels."""
-    with _image_errors_as_value_error(path), Image.open(path) as image:
+def read_image_size(path: str, allow_large: bool = False) -> tuple[int, int]:
+    """(height, width) of an image file, read from its header without decoding the pixels; past Pillow's pixel
+    limit only with allow_large."""
+    with _image_errors_as_value_error(path, allow_large), Image.open(path) as image:
         width, height = image.size
         return height, width
 
 
-def read_rgb_image(path: str) -> torch.Tensor:
+def read_rgb_image(path: str, allow_large: bool = False) -> torch.Tensor:
     """Decode an image file into a (3, H, W) uint8 RGB tensor, whatever the stored mode.
 
     Grayscale and palette images are expanded to RGB, alpha is dropped, and 16-bit images are scaled to 8 bits
     (65535 -> 255) instead of being saturated as Pillow's convert("RGB") would. Raises ValueError naming the file
-    if it is missing, undecodable, truncated or larger than PIL.Image.MAX_IMAGE_PIXELS.
+    if it is missing, undecodable, truncated or, unless `allow_large` (a trusted orthophoto of 20,000 x 20,000
+    pixels, say), larger than PIL.Image.MAX_IMAGE_PIXELS.
     """
-    with _image_errors_as_value_error(path), Image.open(path) as image:
+    with _image_errors_as_value_error(path, allow_large), Image.open(path) as image:
         image.load()
         if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit gray ("I" holds it in older Pillow)
             gray = np.round(np.asarray(image, dtype=np.float32) / 257.0).clip(0, 255).astype(np.uint8)

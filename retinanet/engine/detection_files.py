@@ -5,7 +5,6 @@ file. An image that cannot be read is skipped and said why, not fatal.
 Legend for shapes: D detections of an image.
 """
 
-import csv
 import json
 import os
 from typing import NamedTuple
@@ -13,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..data.annotations import read_csv_image_paths
-from ..data.files import write_atomically, write_text_atomically
+from ..data.files import write_csv_atomically, write_text_atomically
 from ..data.images import find_images
 from ..model import RetinaNet
 from .tiling import DEFAULT_OVERLAP, ImageWindows, predict_windows
@@ -64,12 +63,13 @@ class FilePredictions(NamedTuple):
 
 
 def predict_images(model: RetinaNet, class_names: list[str], image_paths: list[str], batch_size: int = 8,
-                   workers: int = 0, tile_size: int | None = None,
-                   tile_overlap: float = DEFAULT_OVERLAP) -> FilePredictions:
+                   workers: int = 0, tile_size: int | None = None, tile_overlap: float = DEFAULT_OVERLAP,
+                   allow_large: bool = False) -> FilePredictions:
     """Detect with `model` (in eval mode, on its device) on image files, whole, or cut into tiles of tile_size pixels
     where they are larger (tiling.py); `batch_size` counts windows (whole images or tiles). Images that cannot be
-    read are skipped."""
-    dataset = ImageWindows(image_paths, model.settings.min_size, model.settings.max_size, tile_size, tile_overlap)
+    read are skipped; with allow_large, those past Pillow's pixel limit are read."""
+    dataset = ImageWindows(image_paths, model.settings.min_size, model.settings.max_size, tile_size, tile_overlap,
+                           allow_large)
     print(f"detecting on {len(image_paths)} images ({describe_windows(dataset, tile_size)}), "
           f"score >= {model.settings.score_threshold:g}, on {next(model.parameters()).device}")
     predictions = predict_windows(model, dataset, batch_size, workers)
@@ -125,5 +125,5 @@ def write_detections(path: str, found: FilePredictions) -> int:
     if output_format(path) == ".json":
         write_text_atomically(path, json.dumps(coco_style_results(found)))
     else:
-        write_atomically(path, lambda file: csv.writer(file, lineterminator="\n").writerows(csv_rows(found)))
+        write_csv_atomically(path, csv_rows(found))
     return sum(len(prediction["scores"]) for prediction in found.predictions)

@@ -6,7 +6,8 @@ shrinks its objects below the smallest anchors (32 pixels on P3, §4 "Anchors").
 predict_tile and SAHI do, every part of it is seen at the scale the model was trained at:
 
 - a tile is a window of tile_size x tile_size pixels of the image at its own resolution; neighbouring tiles overlap
-  by at least `overlap` of a tile, the first and last lie flush with the image's edges (tile_windows);
+  by at least `overlap` of a tile, the first and last lie flush with the image's edges (data/tiles.py, which also
+  cuts annotated images into training tiles of the same windows);
 - every tile is resized by the factor the model's resize rule gives a tile_size x tile_size image, min_size /
   tile_size: a tile of the model's min_size is seen at scale 1, one of twice that at scale 1/2;
 - the tiles go through the model in batches (predict_dataset), and their boxes are shifted back into the image;
@@ -21,7 +22,6 @@ Legend for shapes: D detections of an image, C of them cut by a tile's side, N t
 """
 
 import itertools
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -32,39 +32,11 @@ from torch.utils.data import Dataset
 from torchvision.ops import batched_nms
 
 from ..data.images import read_image_size, read_rgb_image
+from ..data.tiles import DEFAULT_OVERLAP, check_tiling, tile_windows
 from ..transforms import Resize, resize_image
 from .batch_inference import predict_dataset
 
-DEFAULT_OVERLAP = 0.25  # every object up to a quarter of a tile across then lies whole in some tile
 SIDE_MARGIN = 2  # pixels of the model's input: a box this close to a side of its tile touches it
-
-
-# ------------------------------------------------------------------------------------------------------ tiles
-
-
-def tile_starts(length: int, tile_size: int, overlap: float) -> list[int]:
-    """Where the tiles along a side of `length` pixels start: as few tiles as overlap by at least `overlap` of a
-    tile, evenly spread, the first at 0 and the last ending at `length`; [0] if one tile covers the side."""
-    if length <= tile_size:
-        return [0]
-    count = math.ceil((length - tile_size) / (tile_size * (1 - overlap))) + 1
-    return [round(i * (length - tile_size) / (count - 1)) for i in range(count)]
-
-
-def check_tiling(tile_size: int, overlap: float) -> None:
-    """Raise ValueError unless tile_size is a positive number of pixels and overlap a fraction of a tile below 1."""
-    if tile_size < 1 or not 0 <= overlap < 1:
-        raise ValueError(f"need a tile size of at least 1 pixel and an overlap in [0, 1) (a fraction of a tile), "
-                         f"got tile size {tile_size} and overlap {overlap}")
-
-
-def tile_windows(height: int, width: int, tile_size: int, overlap: float) -> list[tuple[int, int, int, int]]:
-    """The tiles of a height x width image as (x1, y1, x2, y2) windows in its pixels, row by row. Each is
-    tile_size x tile_size, or as high (wide) as the image where the image is lower (narrower) than a tile."""
-    check_tiling(tile_size, overlap)
-    tile_height, tile_width = min(tile_size, height), min(tile_size, width)
-    return [(x, y, x + tile_width, y + tile_height)
-            for y in tile_starts(height, tile_size, overlap) for x in tile_starts(width, tile_size, overlap)]
 
 
 class Window(NamedTuple):
@@ -75,10 +47,10 @@ class Window(NamedTuple):
     scale: float  # the resize factor of the window
 
 
-def image_size(image: str | torch.Tensor) -> tuple[int, int]:
-    """(height, width) of a (3, H, W) uint8 RGB tensor, or of an image file, from its header."""
+def image_size(image: str | torch.Tensor, allow_large: bool = False) -> tuple[int, int]:
+    """(height, width) of a (3, H, W) uint8 RGB tensor, or of an image file, from its header (read_image_size)."""
     if not isinstance(image, torch.Tensor):
-        return read_image_size(image)
+        return read_image_size(image, allow_large)
     if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
         raise ValueError(f"expected an image file or a (3, H, W) uint8 RGB tensor (as read_rgb_image returns), got a "
                          f"{image.dtype} tensor of shape {tuple(image.shape)}")
@@ -92,20 +64,22 @@ class ImageWindows(Dataset):
     An item is as DetectionDataset's (image, annotations (none), scale, index, original_size), original_size being
     the window's (height, width): predict_dataset then gives each window's detections in the window's pixels.
     An image whose header cannot be read gets no window: `unreadable` maps its position to why. One whose pixels
-    cannot be decoded gives placeholder items of original_size (0, 0) instead of stopping every loading process."""
+    cannot be decoded gives placeholder items of original_size (0, 0) instead of stopping every loading process.
+    With allow_large, image files past Pillow's pixel limit are read (data/images.py)."""
 
     def __init__(self, images: Sequence[str | torch.Tensor], min_size: int, max_size: int,
-                 tile_size: int | None = None, overlap: float = DEFAULT_OVERLAP):
+                 tile_size: int | None = None, overlap: float = DEFAULT_OVERLAP, allow_large: bool = False):
         if tile_size is not None:
             check_tiling(tile_size, overlap)
         self.images = list(images)
+        self.allow_large = allow_large
         self.resize = Resize(min_size, max_size)
         self.sizes: list[tuple[int, int] | None] = [None] * len(self.images)
         self.unreadable: dict[int, str] = {}
         self.windows: list[Window] = []
         for number, image in enumerate(self.images):
             try:
-                self.sizes[number] = image_size(image)
+                self.sizes[number] = image_size(image, allow_large)
             except ValueError as error:
                 self.unreadable[number] = str(error)
                 continue
@@ -133,7 +107,8 @@ class ImageWindows(Dataset):
         if self._decoded[0] != number:
             image = self.images[number]
             try:
-                self._decoded = (number, image if isinstance(image, torch.Tensor) else read_rgb_image(image))
+                decoded = image if isinstance(image, torch.Tensor) else read_rgb_image(image, self.allow_large)
+                self._decoded = (number, decoded)
             except ValueError:  # said again by undecodable_reason, in the main process
                 self._decoded = (number, None)
         return self._decoded[1]
@@ -151,7 +126,7 @@ class ImageWindows(Dataset):
     def undecodable_reason(self, number: int) -> str:
         """Why image `number` failed to decode in a loading process: the error of decoding it again here."""
         try:
-            read_rgb_image(self.images[number])
+            read_rgb_image(self.images[number], self.allow_large)
         except ValueError as error:
             return str(error)
         return (f"{self.images[number]}: could not be decoded while predicting, though it can now (was it being "
