@@ -24,7 +24,7 @@ from retinanet.data.datasets import CSVDataset, VOCDataset
 from retinanet.data.tiles import DEFAULT_OVERLAP
 from retinanet.engine.batch_inference import cap_report, check_class_names, predict_dataset
 from retinanet.engine.evaluation import evaluate
-from retinanet.engine.flags import inference_flags, inference_settings, run_script
+from retinanet.engine.flags import CSV_FLAGS, inference_flags, inference_settings, run_script
 from retinanet.engine.models import load_model
 from retinanet.engine.runtime import resolve_device
 from retinanet.engine.tiling import ImageWindows, predict_windows
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tile", type=int, metavar="SIZE", help="predict images larger than SIZE x SIZE pixels tile by tile, as predict.py --tile; --batch_size then counts tiles")
     parser.add_argument("--tile_overlap", type=float, metavar="FRACTION", help=f"with --tile: how much neighbouring tiles overlap at least, a fraction of a tile (default {DEFAULT_OVERLAP})")
     parser.add_argument("--allow_large_images", action="store_true", help="with --tile: read images past Pillow's limit of about 89 million pixels; only for files you trust")
-    for name, options in inference_flags():
+    for name, options in [*inference_flags(), *CSV_FLAGS]:
         parser.add_argument(name, **options)
     args = parser.parse_args(argv)
     if (args.csv_annotations is None) == (args.voc_path is None):
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
     model, class_names = load_model(args.model, device, **inference_settings(vars(args)))
     transform = build_transform(False, model.settings.min_size, model.settings.max_size)
     if args.csv_annotations:
-        dataset = CSVDataset(args.csv_annotations, args.csv_classes, transform)
+        dataset = CSVDataset(args.csv_annotations, args.csv_classes, transform, args.drop_degenerate_boxes)
         source = args.csv_annotations
     else:  # VOC's classes are the model's unless --csv_classes says otherwise
         voc_classes = read_class_list(args.csv_classes) if args.csv_classes else class_names

@@ -37,7 +37,7 @@ from retinanet.engine.checkpoint import (checkpoint_settings, read_checkpoint, r
 from retinanet.engine.coco_evaluation import evaluate_coco
 from retinanet.engine.drawing import visualize_dataset
 from retinanet.engine.evaluation import evaluate
-from retinanet.engine.flags import ANCHOR_FLAGS, given, run_script
+from retinanet.engine.flags import ANCHOR_FLAGS, CSV_FLAGS, given, run_script
 from retinanet.engine.models import WeightsUnavailableError, build_model, load_model
 from retinanet.engine.runtime import (StopRequest, default_workers, mixed_precision_dtype, setup_distributed,
                                       stop_on_signals)
@@ -95,7 +95,8 @@ def add_data_arguments(data) -> None:
     data.add_argument("--csv_train", help="CSV annotations for training: path,x1,y1,x2,y2,class_name")
     data.add_argument("--csv_classes", help="CSV class list: class_name,id (VOC: optional, default the 20 VOC classes or the names found)")
     data.add_argument("--csv_val", help="CSV annotations for validation (optional)")
-    data.add_argument("--drop_degenerate_boxes", action="store_true", help="leave out CSV boxes without area (x2 <= x1 or y2 <= y1), counted and named in a warning, instead of stopping")
+    for name, options in CSV_FLAGS:
+        data.add_argument(name, **options)
     data.add_argument("--data_dir", default="data/shapes", help="where the shapes demo data is generated")
     data.add_argument("--shapes_train", type=int, default=1500, help="number of shapes training images")
     data.add_argument("--shapes_val", type=int, default=200, help="number of shapes validation images")

@@ -34,7 +34,7 @@ from retinanet.engine.batch_inference import check_class_names
 from retinanet.engine.checkpoint import checkpoint_settings, read_checkpoint
 from retinanet.engine.drawing import (DRAW_THRESHOLD, draw_training_samples, show_images, visualize_anchors,
                                       visualize_dataset, visualize_images)
-from retinanet.engine.flags import ANCHOR_FLAGS, given, inference_flags, inference_settings, run_script
+from retinanet.engine.flags import ANCHOR_FLAGS, CSV_FLAGS, given, inference_flags, inference_settings, run_script
 from retinanet.engine.models import load_model
 from retinanet.engine.runtime import resolve_device
 from retinanet.settings import ModelSettings
@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, metavar="N", help="draw only the first N images (default: all)")
     parser.add_argument("--show", action="store_true", help="also open the drawn images in matplotlib windows (needs a display)")
     parser.add_argument("--anchors", action="store_true", help="draw each ground-truth box with its best anchor instead (green: IoU >= 0.5, red: below), at the training image size; needs --dataset; with --model, its anchors and image size")
-    for name, options in [*ANCHOR_FLAGS, *inference_flags(model_required=False)]:
+    for name, options in [*ANCHOR_FLAGS, *inference_flags(model_required=False), *CSV_FLAGS]:
         parser.add_argument(name, **options)
     args = parser.parse_args(argv)
     if (args.images is None) == (args.dataset is None):
@@ -95,7 +95,7 @@ def build_dataset(args: argparse.Namespace, class_names: list[str] | None,
     """The annotated set to draw on; a VOC set takes `class_names` (the model's, or None: those it finds) unless
     --csv_classes says otherwise."""
     if args.dataset == "csv":
-        return CSVDataset(args.csv_annotations, args.csv_classes, transform)
+        return CSVDataset(args.csv_annotations, args.csv_classes, transform, args.drop_degenerate_boxes)
     if args.dataset == "coco":
         return CocoDataset(args.coco_path, chosen_set(args), transform)
     voc_classes = read_class_list(args.csv_classes) if args.csv_classes else class_names

@@ -1,9 +1,13 @@
 """A CSV with a few boxes without area: an error naming the line by default; left out, counted by kind and named,
-with train.py --drop_degenerate_boxes."""
+with --drop_degenerate_boxes (train.py, csv_eval.py, visualize.py, tools/make_tiles.py)."""
+
+import os
 
 import pytest
 from conftest import save_image
+from test_interop import load_tool
 
+import csv_eval
 import train
 
 from retinanet.data.datasets import CSVDataset
@@ -48,3 +52,20 @@ def test_train_py_drops_them_when_asked(tmp_path):
         train.main(flags)
     with pytest.warns(UserWarning, match="dropped 3 box"):
         assert train.main([*flags, "--drop_degenerate_boxes"]) == 0
+
+
+def test_the_evaluation_and_tiling_scripts_drop_them_when_asked(trained_shapes_run, tmp_path, capsys):
+    data = trained_shapes_run.data_dir
+    image = os.path.join(data, "images", "val", "00000.png")
+    annotations = tmp_path / "val.csv"
+    annotations.write_text(f"{image},10,10,40,40,circle\n{image},50,50,50,70,rectangle\n")  # line 2: zero width
+    classes = os.path.join(data, "classes.csv")
+    evaluation = ["--csv_annotations", str(annotations), "--csv_classes", classes, "--model",
+                  trained_shapes_run.checkpoint, "--device", "cpu"]
+    tiling = ["--csv_annotations", str(annotations), "--csv_classes", classes, "--tile_size", "64",
+              "--output_dir", str(tmp_path / "tiles")]
+    for main, flags in ((csv_eval.main, evaluation), (load_tool("make_tiles").main, tiling)):
+        assert main(flags) == 2
+        assert "val.csv, line 2: empty box" in capsys.readouterr().err
+        with pytest.warns(UserWarning, match="dropped 1 box"):
+            assert main([*flags, "--drop_degenerate_boxes"]) == 0

@@ -8,6 +8,7 @@ import torch
 import coco_eval
 import csv_eval
 import predict
+import visualize
 
 from retinanet.engine.models import load_model
 from retinanet.model import RetinaNet
@@ -59,5 +60,8 @@ def test_the_scripts_take_the_caps_and_say_when_an_image_reached_one(trained_sha
     assert coco_eval.main(["--coco_path", data, "--set_name", "val", *model_flags, "--output_dir", str(tmp_path),
                            "--max_detections", "300", *low]) == 0
     assert "no image reached the cap of detections" in capsys.readouterr().out
+    assert visualize.main(["--images", os.path.join(data, "images", "val"), "--output", str(tmp_path / "drawn"),
+                           *model_flags, *caps, *low]) == 0
+    assert "4 of 4 images reached the cap of 3 detections an image" in capsys.readouterr().out
     settings = load_model(trained_shapes_run.checkpoint, max_detections=3, nms_threshold=0.3).model.settings
     assert (settings.max_detections, settings.nms_threshold) == (3, 0.3)

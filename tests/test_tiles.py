@@ -12,10 +12,12 @@ from small_objects import BrightBlobDetector, save_scene
 from test_interop import load_tool
 
 import csv_eval
+
 from retinanet.data import tiles
 from retinanet.data.datasets import CSVDataset
 from retinanet.engine.evaluation import evaluate
 from retinanet.engine.tiling import ImageWindows, predict_windows
+
 
 # ------------------------------------------------------------------------------------------------ windows
 

@@ -36,6 +36,12 @@ ANCHOR_FLAGS = (
 )
 
 
+# Forgiving CSV data: boxes without area left out (data/annotations.py) instead of stopping at the first one
+CSV_FLAGS = (
+    ("--drop_degenerate_boxes", dict(action="store_true", help="leave out CSV boxes without area (x2 <= x1 or y2 <= y1), counted and named in a warning, instead of stopping")),
+)
+
+
 # The model settings that inference_flags change (settings.py): the image size and §4.1 "Inference"'s limits
 INFERENCE_SETTINGS = ("min_size", "max_size", "max_detections", "nms_threshold", "topk_candidates")
 
