@@ -23,11 +23,13 @@ from retinanet.data.annotations import read_class_list
 from retinanet.data.datasets import CSVDataset, VOCDataset
 from retinanet.data.tiles import DEFAULT_OVERLAP
 from retinanet.engine.batch_inference import cap_report, check_class_names, predict_dataset
+from retinanet.engine.detection_files import describe_windows
 from retinanet.engine.evaluation import evaluate
 from retinanet.engine.flags import CSV_FLAGS, inference_flags, inference_settings, run_script
 from retinanet.engine.models import load_model
 from retinanet.engine.runtime import resolve_device
 from retinanet.engine.tiling import ImageWindows, predict_windows
+from retinanet.model import RetinaNet
 from retinanet.transforms import build_transform
 
 
@@ -83,14 +85,14 @@ def run(args: argparse.Namespace) -> None:
         print("results printed above (add --pr_curves DIR to also save precision-recall plots)")
 
 
-def predict_tiles(model, image_paths: list[str], args: argparse.Namespace) -> list[dict]:
+def predict_tiles(model: RetinaNet, image_paths: list[str], args: argparse.Namespace) -> list[dict]:
     """Predictions on every image, tiled (tiling.py); ValueError naming the images that could not be read, since a
     score needs them all."""
     overlap = DEFAULT_OVERLAP if args.tile_overlap is None else args.tile_overlap
     windows = ImageWindows(image_paths, model.settings.min_size, model.settings.max_size, args.tile, overlap,
                            args.allow_large_images)
-    print(f"{len(windows)} windows: images larger than {args.tile} x {args.tile} pixels cut into tiles of that size "
-          f"(overlap >= {overlap:g}), each resized by {windows.resize.scale_for(args.tile, args.tile):.3g}")
+    print(f"tiled prediction on {len(image_paths)} images ({describe_windows(windows, args.tile)}; overlap >= "
+          f"{overlap:g})")
     predictions = predict_windows(model, windows, args.batch_size, args.workers)
     unread = [windows.unreadable.get(number) or windows.undecodable_reason(number)
               for number, prediction in enumerate(predictions) if prediction is None]

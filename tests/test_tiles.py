@@ -159,10 +159,11 @@ def test_images_past_the_pixel_limit_are_cut_only_when_asked(annotated, tmp_path
 
 
 def test_two_images_of_the_same_name_are_refused(tmp_path):
+    images = []
     for folder in ("a", "b"):
-        save_scene(str(tmp_path / f"{folder}.png"), 100, 100, [], seed=0)
-    images = [(str(tmp_path / "a.png"), np.zeros((0, 5))), (str(tmp_path / "a.png"), np.zeros((0, 5)))]
-    with pytest.raises(ValueError, match="same name"):
+        (tmp_path / folder).mkdir()
+        images.append((save_scene(str(tmp_path / folder / "site.png"), 100, 100, [], seed=0), np.zeros((0, 5))))
+    with pytest.raises(ValueError, match=r"tiles of the same name: \['site'\]"):
         tiles.cut_into_tiles(images, ["disc"], str(tmp_path / "tiles"), 64)
 
 
@@ -190,7 +191,7 @@ def test_csv_eval_takes_tile_flags(trained_shapes_run, annotated, tmp_path, caps
              trained_shapes_run.checkpoint, "--tile", "300", "--tile_overlap", "0.3", "--device", "cpu"]
     assert csv_eval.main(flags) == 0
     out = capsys.readouterr().out
-    assert "images larger than 300 x 300 pixels cut into tiles" in out and "mAP:" in out
+    assert "those larger than 300 x 300 pixels cut into tiles" in out and "mAP:" in out
     with pytest.raises(SystemExit):
         csv_eval.main(flags[:6] + ["--tile_overlap", "0.3"])
     assert "--tile_overlap needs --tile" in capsys.readouterr().err

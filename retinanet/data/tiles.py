@@ -19,6 +19,7 @@ Legend for shapes: N boxes of an image.
 
 import math
 import os
+from collections import Counter
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -125,16 +126,17 @@ def cut_image(image_path: str, boxes: np.ndarray, class_names: Sequence[str], im
     image = read_rgb_image(image_path, allow_large=allow_large)  # (3, H, W)
     rows, seen = [], []
     for window in tile_windows(image.shape[1], image.shape[2], tile_size, overlap):
-        seen.append(tile_boxes(boxes, window, min_visible))
-        if skip_empty and len(seen[-1].boxes) == 0:
+        kept = tile_boxes(boxes, window, min_visible)
+        seen.append(kept)
+        if skip_empty and len(kept.boxes) == 0:
             continue
         name = tile_name(image_path, window)
         x1, y1, x2, y2 = window
         pixels = image[:, y1:y2, x1:x2].permute(1, 2, 0).numpy()  # (3, h, w) -> (h, w, 3)
         Image.fromarray(pixels).save(os.path.join(image_dir, name), compress_level=1)
         path = f"{os.path.basename(image_dir)}/{name}"
-        rows += [[path, *(f"{value:g}" for value in box[:4]), class_names[int(box[4])]] for box in seen[-1].boxes]
-        rows += [] if len(seen[-1].boxes) else [[path, "", "", "", "", ""]]
+        rows += ([[path, *(f"{value:g}" for value in box[:4]), class_names[int(box[4])]] for box in kept.boxes]
+                 or [[path, "", "", "", "", ""]])
     empty = sum(len(tile.boxes) == 0 for tile in seen)
     report = TilingReport(1, len(seen) - (empty if skip_empty else 0), empty, sum(tile.whole for tile in seen),
                           sum(tile.clipped for tile in seen), sum(tile.left_out for tile in seen))
@@ -150,11 +152,11 @@ def cut_into_tiles(images: Sequence[tuple[str, np.ndarray]], class_names: Sequen
     different folders raise ValueError. Returns the counts, summed over the images."""
     check_tiling(tile_size, overlap)
     check_min_visible(min_visible)
-    stems = [os.path.splitext(os.path.basename(path))[0] for path, _ in images]
-    repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
+    stems = Counter(os.path.splitext(os.path.basename(path))[0] for path, _ in images)
+    repeated = sorted(stem for stem, count in stems.items() if count > 1)
     if repeated:
-        raise ValueError(f"images of the same name in different folders would give tiles of the same name: "
-                         f"{repeated[:5]}; rename them")
+        raise ValueError(f"images of the same name (in different folders, or with other extensions) would give tiles "
+                         f"of the same name: {repeated[:5]}; rename them")
     image_dir = os.path.join(output_dir, "images")
     os.makedirs(image_dir, exist_ok=True)
     rows, total = [], TilingReport(0, 0, 0, 0, 0, 0)
