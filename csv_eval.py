@@ -19,17 +19,17 @@ How detections are matched and AP computed: retinanet/engine/evaluation.py.
 import argparse
 import sys
 
+from torch import nn
+
 from retinanet.data.annotations import read_class_list
 from retinanet.data.datasets import CSVDataset, VOCDataset
 from retinanet.data.tiles import DEFAULT_OVERLAP
 from retinanet.engine.batch_inference import cap_report, check_class_names, predict_dataset
-from retinanet.engine.detection_files import describe_windows
 from retinanet.engine.evaluation import evaluate
 from retinanet.engine.flags import CSV_FLAGS, inference_flags, inference_settings, run_script
 from retinanet.engine.models import load_model
 from retinanet.engine.runtime import resolve_device
-from retinanet.engine.tiling import ImageWindows, predict_windows
-from retinanet.model import RetinaNet
+from retinanet.engine.tiling import ImageWindows, describe_windows, predict_windows
 from retinanet.transforms import build_transform
 
 
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> None:
         print("results printed above (add --pr_curves DIR to also save precision-recall plots)")
 
 
-def predict_tiles(model: RetinaNet, image_paths: list[str], args: argparse.Namespace) -> list[dict]:
+def predict_tiles(model: nn.Module, image_paths: list[str], args: argparse.Namespace) -> list[dict]:
     """Predictions on every image, tiled (tiling.py); ValueError naming the images that could not be read, since a
     score needs them all."""
     overlap = DEFAULT_OVERLAP if args.tile_overlap is None else args.tile_overlap

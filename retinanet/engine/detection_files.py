@@ -15,7 +15,7 @@ from ..data.annotations import read_csv_image_paths
 from ..data.files import write_csv_atomically, write_text_atomically
 from ..data.images import find_images
 from ..model import RetinaNet
-from .tiling import DEFAULT_OVERLAP, ImageWindows, predict_windows
+from .tiling import DEFAULT_OVERLAP, ImageWindows, describe_windows, predict_windows
 
 OUTPUT_FORMATS = (".csv", ".json")
 DETECTION_COLUMNS = "path,x1,y1,x2,y2,class_name,score"
@@ -77,17 +77,6 @@ def predict_images(model: RetinaNet, class_names: list[str], image_paths: list[s
                for number, (path, prediction) in enumerate(zip(image_paths, predictions)) if prediction is None}
     read = [(path, prediction) for path, prediction in zip(image_paths, predictions) if prediction is not None]
     return FilePredictions([path for path, _ in read], [prediction for _, prediction in read], skipped, class_names)
-
-
-def describe_windows(dataset: ImageWindows, tile_size: int | None) -> str:
-    """What the model sees of the images, in words."""
-    whole = (f"resized to a shorter side of {dataset.resize.min_size} pixels, the longer at most "
-             f"{dataset.resize.max_size}")
-    if tile_size is None:
-        return f"whole, {whole}"
-    scale = dataset.resize.scale_for(tile_size, tile_size)
-    return (f"those larger than {tile_size} x {tile_size} pixels cut into tiles of that size, each resized by "
-            f"{scale:.3g}, the others whole, {whole}: {len(dataset)} windows")
 
 
 # ---------------------------------------------------------------------------------------------------- outputs

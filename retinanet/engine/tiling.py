@@ -133,6 +133,17 @@ class ImageWindows(Dataset):
                 f"written?)")
 
 
+def describe_windows(dataset: ImageWindows, tile_size: int | None) -> str:
+    """What the model sees of the images, in words."""
+    whole = (f"resized to a shorter side of {dataset.resize.min_size} pixels, the longer at most "
+             f"{dataset.resize.max_size}")
+    if tile_size is None:
+        return f"whole, {whole}"
+    scale = dataset.resize.scale_for(tile_size, tile_size)
+    return (f"those larger than {tile_size} x {tile_size} pixels cut into tiles of that size, each resized by "
+            f"{scale:.3g}, the others whole, {whole}: {len(dataset)} windows")
+
+
 # ------------------------------------------------------------------------------------------------ merging
 
 
