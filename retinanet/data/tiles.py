@@ -24,8 +24,11 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
+import torch
 from PIL import Image
+from torchvision.ops import box_area
 
+from ..dataloader import clip_to_image
 from .files import write_csv_atomically, write_text_atomically
 from .images import read_rgb_image
 
@@ -78,16 +81,14 @@ def tile_boxes(boxes: np.ndarray, window: tuple[int, int, int, int], min_visible
     image's pixels): those with at least `min_visible` of their area inside it, clipped to it and moved into its
     pixels (see the module docstring)."""
     x1, y1, x2, y2 = window
-    clipped = boxes.copy()
-    clipped[:, [0, 2]] = np.clip(boxes[:, [0, 2]], x1, x2)  # (N, 2)
-    clipped[:, [1, 3]] = np.clip(boxes[:, [1, 3]], y1, y2)  # (N, 2)
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # (N,)
-    inside = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])  # (N,)
-    reaching = inside > 0  # (N,): boxes with some area in the tile
+    moved = torch.from_numpy(boxes).clone()
+    moved[:, :4] -= torch.tensor([x1, y1, x1, y1], dtype=moved.dtype)  # (N, 4) - (4,): into the tile's pixels
+    clipped, reaching = clip_to_image(moved, y2 - y1, x2 - x1)  # (N, 5), (N,): boxes with some area in the tile
+    areas, inside = box_area(moved[:, :4]), box_area(clipped[:, :4])  # (N,) each
     whole = reaching & (inside == areas)
     kept = reaching & (inside >= min_visible * areas)
-    clipped[:, :4] -= np.array([x1, y1, x1, y1], dtype=boxes.dtype)  # (N, 4) - (4,): into the tile's pixels
-    return TileBoxes(clipped[kept], int(whole.sum()), int((kept & ~whole).sum()), int((reaching & ~kept).sum()))
+    return TileBoxes(clipped[kept].numpy(), int(whole.sum()), int((kept & ~whole).sum()),
+                     int((reaching & ~kept).sum()))
 
 
 def check_min_visible(min_visible: float) -> None:
