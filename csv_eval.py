@@ -26,7 +26,8 @@ from retinanet.data.datasets import CSVDataset, VOCDataset
 from retinanet.data.tiles import DEFAULT_OVERLAP
 from retinanet.engine.batch_inference import cap_report, check_class_names, predict_dataset
 from retinanet.engine.evaluation import evaluate
-from retinanet.engine.flags import CSV_FLAGS, inference_flags, inference_settings, run_script
+from retinanet.engine.flags import (CSV_FLAGS, LARGE_IMAGE_FLAGS, TILE_FLAGS, annotation_source_problem,
+                                    inference_flags, inference_settings, run_script)
 from retinanet.engine.models import load_model
 from retinanet.engine.runtime import resolve_device
 from retinanet.engine.tiling import ImageWindows, describe_windows, predict_windows
@@ -44,18 +45,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--voc07", action="store_const", const=True, default=None, help="11-point AP of VOC2007 instead of the all-point AP of VOC2010+ (the default on VOC2007's test set)")
     parser.add_argument("--no_voc07", dest="voc07", action="store_false", default=None, help="the all-point AP on VOC2007's test set too")
     parser.add_argument("--pr_curves", metavar="DIR", help="save one precision-recall plot (PNG) per class into DIR")
-    parser.add_argument("--tile", type=int, metavar="SIZE", help="predict images larger than SIZE x SIZE pixels tile by tile, as predict.py --tile; --batch_size then counts tiles")
-    parser.add_argument("--tile_overlap", type=float, metavar="FRACTION", help=f"with --tile: how much neighbouring tiles overlap at least, a fraction of a tile (default {DEFAULT_OVERLAP})")
-    parser.add_argument("--allow_large_images", action="store_true", help="with --tile: read images past Pillow's limit of about 89 million pixels; only for files you trust")
-    for name, options in [*inference_flags(), *CSV_FLAGS]:
+    for name, options in [*TILE_FLAGS, *LARGE_IMAGE_FLAGS, *inference_flags(), *CSV_FLAGS]:
         parser.add_argument(name, **options)
     args = parser.parse_args(argv)
-    if (args.csv_annotations is None) == (args.voc_path is None):
-        parser.error("give either --csv_annotations CSV (with --csv_classes CSV) or --voc_path ROOT")
-    if args.csv_annotations and not args.csv_classes:
-        parser.error("--csv_annotations needs --csv_classes")
-    for flag, typed in (("tile_overlap", args.tile_overlap is not None), ("allow_large_images", args.allow_large_images)):
-        if typed and args.tile is None:
+    problem = annotation_source_problem(args.csv_annotations, args.csv_classes, args.voc_path)
+    if problem:
+        parser.error(problem)
+    for flag in ("tile_overlap", "allow_large_images"):
+        if args.tile is None and getattr(args, flag) not in (None, False):  # None, False: not typed
             parser.error(f"--{flag} needs --tile")
     return args
 
@@ -94,8 +91,7 @@ def predict_tiles(model: nn.Module, image_paths: list[str], args: argparse.Names
     print(f"tiled prediction on {len(image_paths)} images ({describe_windows(windows, args.tile)}; overlap >= "
           f"{overlap:g})")
     predictions = predict_windows(model, windows, args.batch_size, args.workers)
-    unread = [windows.unreadable.get(number) or windows.undecodable_reason(number)
-              for number, prediction in enumerate(predictions) if prediction is None]
+    unread = [windows.unread_reason(number) for number, prediction in enumerate(predictions) if prediction is None]
     if unread:
         raise ValueError(f"{len(unread)} image(s) could not be read: " + "; ".join(unread[:5]))
     return predictions

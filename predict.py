@@ -19,10 +19,10 @@ import os
 import sys
 
 from retinanet.data.tiles import DEFAULT_OVERLAP
-from retinanet.engine.batch_inference import cap_report
+from retinanet.engine.batch_inference import say_if_capped
 from retinanet.engine.detection_files import collect_images, output_format, predict_images, write_detections
 from retinanet.engine.drawing import DRAW_THRESHOLD, draw_predictions
-from retinanet.engine.flags import given, inference_flags, inference_settings, run_script
+from retinanet.engine.flags import LARGE_IMAGE_FLAGS, TILE_FLAGS, given, inference_flags, inference_settings, run_script
 from retinanet.engine.models import load_model
 from retinanet.engine.runtime import default_workers, resolve_device
 
@@ -32,12 +32,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders of images (searched recursively) and CSV files of annotations path,x1,y1,x2,y2,class_name (their images)")
     parser.add_argument("--output", required=True, metavar="FILE", help="where the detections go: a .csv or a .json file")
     parser.add_argument("--score_threshold", type=float, help="keep detections with at least this score (default: the model's, 0.05 as in the paper)")
-    parser.add_argument("--tile", type=int, metavar="SIZE", help="cut images larger than SIZE x SIZE pixels into overlapping tiles of that size, each resized by min_size / SIZE; --batch_size then counts tiles")
-    parser.add_argument("--tile_overlap", type=float, metavar="FRACTION", help=f"with --tile: how much neighbouring tiles overlap at least, a fraction of a tile (default {DEFAULT_OVERLAP})")
-    parser.add_argument("--allow_large_images", action="store_true", help="read images past Pillow's limit of about 89 million pixels (a 20,000 x 20,000 orthophoto, with --tile); only for files you trust")
     parser.add_argument("--draw", metavar="DIR", help="also save each image with its detections drawn on it into DIR")
     parser.add_argument("--draw_threshold", type=float, help=f"with --draw: draw the detections with at least this score (default {DRAW_THRESHOLD})")
-    for name, options in inference_flags(workers=default_workers(), detection_threshold=False):
+    for name, options in [*TILE_FLAGS, *LARGE_IMAGE_FLAGS,
+                          *inference_flags(workers=default_workers(), detection_threshold=False)]:
         parser.add_argument(name, **options)
     args = parser.parse_args(argv)
     for flag, needed in (("tile_overlap", "tile"), ("draw_threshold", "draw")):
@@ -59,9 +57,8 @@ def run(args: argparse.Namespace) -> int:
                            DEFAULT_OVERLAP if args.tile_overlap is None else args.tile_overlap, args.allow_large_images)
     count = write_detections(args.output, found)
     print(f"wrote {count} detections in {len(found.image_paths)} images to {os.path.abspath(args.output)}")
-    capped = None if args.tile else cap_report(found.predictions, model.settings.max_detections)  # tiles: per tile
-    if capped:
-        print(capped)
+    if not args.tile:  # tiled, the cap is each tile's
+        say_if_capped(found.predictions, model.settings.max_detections)
     if args.draw:
         threshold = DRAW_THRESHOLD if args.draw_threshold is None else args.draw_threshold
         drawn = draw_predictions(found.image_paths, found.predictions, found.class_names, args.draw, threshold)

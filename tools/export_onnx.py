@@ -21,7 +21,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from retinanet.engine.export import export_onnx  # noqa: E402
-from retinanet.engine.flags import given, inference_flags, run_script  # noqa: E402
+from retinanet.engine.flags import inference_flags, inference_settings, run_script  # noqa: E402
 from retinanet.engine.models import load_model  # noqa: E402
 
 # The settings of §4.1 "Inference" that an exported detector holds, as the scripts that run a model take them
@@ -45,9 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> None:
     """Load the checkpoint, export its network or its whole detector, and say where the file went."""
-    changes = given(score_threshold=args.detection_threshold, topk_candidates=args.topk_candidates,
-                    nms_threshold=args.nms_threshold, max_detections=args.max_detections)
-    model, class_names = load_model(args.checkpoint, **changes)
+    model, class_names = load_model(args.checkpoint, **inference_settings(vars(args)))
     what = "detector (network, decoding and NMS)" if args.detections else "network"
     print(f"exporting the ResNet-{model.depth} RetinaNet {what} of {args.checkpoint} ({len(class_names)} classes) to "
           f"ONNX; this traces the model and takes up to a minute")

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from retinanet.data.annotations import read_class_list  # noqa: E402
 from retinanet.data.datasets import CSVDataset, VOCDataset  # noqa: E402
 from retinanet.data.tiles import DEFAULT_MIN_VISIBLE, DEFAULT_OVERLAP, TilingReport, cut_into_tiles  # noqa: E402
-from retinanet.engine.flags import CSV_FLAGS, run_script  # noqa: E402
+from retinanet.engine.flags import CSV_FLAGS, LARGE_IMAGE_FLAGS, annotation_source_problem, run_script  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,14 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tile_overlap", type=float, default=DEFAULT_OVERLAP, metavar="FRACTION", help=f"how much neighbouring tiles overlap at least, a fraction of a tile (default {DEFAULT_OVERLAP}); objects up to that size lie whole in some tile")
     parser.add_argument("--min_visible", type=float, default=DEFAULT_MIN_VISIBLE, metavar="FRACTION", help=f"a box cut by a tile's edge is kept, clipped, when at least this fraction of its area is inside the tile (default {DEFAULT_MIN_VISIBLE})")
     parser.add_argument("--skip_empty", action="store_true", help="write no tile without a box (default: such tiles are written as images without objects, path,,,,,)")
-    parser.add_argument("--allow_large_images", action="store_true", help="read images past Pillow's limit of about 89 million pixels (a 20,000 x 20,000 orthophoto); only for files you trust")
-    for name, options in CSV_FLAGS:
+    for name, options in [*LARGE_IMAGE_FLAGS, *CSV_FLAGS]:
         parser.add_argument(name, **options)
     args = parser.parse_args(argv)
-    if (args.csv_annotations is None) == (args.voc_path is None):
-        parser.error("give either --csv_annotations CSV (with --csv_classes CSV) or --voc_path ROOT")
-    if args.csv_annotations and not args.csv_classes:
-        parser.error("--csv_annotations needs --csv_classes")
+    problem = annotation_source_problem(args.csv_annotations, args.csv_classes, args.voc_path)
+    if problem:
+        parser.error(problem)
     return args
 
 

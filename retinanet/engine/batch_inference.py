@@ -52,6 +52,13 @@ def cap_report(predictions: list[dict[str, np.ndarray]], max_detections: int) ->
             f"have lost boxes past it: raise it with --max_detections")
 
 
+def say_if_capped(predictions: list[dict[str, np.ndarray]], max_detections: int) -> None:
+    """Print cap_report's line, if any image reached the cap."""
+    report = cap_report(predictions, max_detections)
+    if report:
+        print(report)
+
+
 def predict_dataset(
     model: nn.Module,
     dataset: DetectionDataset,

@@ -73,7 +73,7 @@ def predict_images(model: RetinaNet, class_names: list[str], image_paths: list[s
     print(f"detecting on {len(image_paths)} images ({describe_windows(dataset, tile_size)}), "
           f"score >= {model.settings.score_threshold:g}, on {next(model.parameters()).device}")
     predictions = predict_windows(model, dataset, batch_size, workers)
-    skipped = {path: dataset.unreadable.get(number) or dataset.undecodable_reason(number)
+    skipped = {path: dataset.unread_reason(number)
                for number, (path, prediction) in enumerate(zip(image_paths, predictions)) if prediction is None}
     read = [(path, prediction) for path, prediction in zip(image_paths, predictions) if prediction is not None]
     return FilePredictions([path for path, _ in read], [prediction for _, prediction in read], skipped, class_names)

@@ -25,7 +25,7 @@ from ..dataloader import DetectionDataset, training_loader
 from ..diagnostics.coverage import best_anchors
 from ..settings import ModelSettings
 from ..transforms import Transform, build_transform
-from .batch_inference import cap_report, predict_dataset
+from .batch_inference import predict_dataset, say_if_capped
 from .tiling import ImageWindows, predict_windows
 
 JPEG_EXTENSIONS = (".jpg", ".jpeg")  # saved as JPEG again; every other format as PNG
@@ -212,16 +212,9 @@ def visualize_images(
     predictions = predict_windows(model, windows, batch_size, workers)
     for number, prediction in enumerate(predictions):
         if prediction is None:
-            raise ValueError(windows.unreadable.get(number) or windows.undecodable_reason(number))
+            raise ValueError(windows.unread_reason(number))
     say_if_capped(predictions, model.settings.max_detections)
     return draw_predictions(image_paths, predictions, class_names, output_dir, score_threshold)
-
-
-def say_if_capped(predictions: list[dict[str, np.ndarray]], max_detections: int) -> None:
-    """Print how many images reached the cap of detections, if any did (cap_report)."""
-    report = cap_report(predictions, max_detections)
-    if report:
-        print(report)
 
 
 def draw_predictions(

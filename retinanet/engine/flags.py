@@ -1,11 +1,13 @@
 """What the scripts share on the command line, as plain values: the flags of running a trained model, those of the
-anchors, and how a script ends on a user error (one message, no traceback). The scripts add the flags to their own
-parsers: `for name, options in ANCHOR_FLAGS: parser.add_argument(name, **options)`."""
+anchors, of large images and of CSV data, what is wrong with an annotation source, and how a script ends on a user error
+(one message, no traceback). The scripts add the flags to their own parsers:
+`for name, options in ANCHOR_FLAGS: parser.add_argument(name, **options)`."""
 
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from ..data.tiles import DEFAULT_OVERLAP
 from .runtime import error_message
 
 
@@ -36,6 +38,16 @@ ANCHOR_FLAGS = (
 )
 
 
+# Large images: tiled prediction (tiling.py) and Pillow's pixel limit (data/images.py)
+TILE_FLAGS = (
+    ("--tile", dict(type=int, metavar="SIZE", help="cut images larger than SIZE x SIZE pixels into overlapping tiles of that size, each resized by min_size / SIZE, and merge their detections; --batch_size then counts tiles")),
+    ("--tile_overlap", dict(type=float, metavar="FRACTION", help=f"with --tile: how much neighbouring tiles overlap at least, a fraction of a tile (default {DEFAULT_OVERLAP})")),
+)
+LARGE_IMAGE_FLAGS = (
+    ("--allow_large_images", dict(action="store_true", help="read images past Pillow's limit of about 89 million pixels (a 20,000 x 20,000 orthophoto); only for files you trust")),
+)
+
+
 # Forgiving CSV data: boxes without area left out (data/annotations.py) instead of stopping at the first one
 CSV_FLAGS = (
     ("--drop_degenerate_boxes", dict(action="store_true", help="leave out CSV boxes without area (x2 <= x1 or y2 <= y1), counted and named in a warning, instead of stopping")),
@@ -47,9 +59,21 @@ INFERENCE_SETTINGS = ("min_size", "max_size", "max_detections", "nms_threshold",
 
 
 def inference_settings(flags: dict) -> dict:
-    """The model settings among a script's flags (its parsed flags as a dict) that were given; --detection_threshold
-    is the setting score_threshold."""
-    return given(**{name: flags[name] for name in INFERENCE_SETTINGS}, score_threshold=flags.get("detection_threshold"))
+    """The model settings among a script's flags (its parsed flags as a dict) that were given (a flag the script
+    lacks counts as not given); --detection_threshold is the setting score_threshold."""
+    return given(**{name: flags.get(name) for name in INFERENCE_SETTINGS},
+                 score_threshold=flags.get("detection_threshold"))
+
+
+def annotation_source_problem(csv_annotations: str | None, csv_classes: str | None,
+                              voc_path: list[str] | None) -> str | None:
+    """What is wrong with the flags that name one annotated set (--csv_annotations with --csv_classes, or
+    --voc_path), for the script's parser.error; None if nothing is."""
+    if (csv_annotations is None) == (voc_path is None):
+        return "give either --csv_annotations CSV (with --csv_classes CSV) or --voc_path ROOT"
+    if csv_annotations and not csv_classes:
+        return "--csv_annotations needs --csv_classes"
+    return None
 
 
 def given(**values) -> dict:

@@ -123,6 +123,10 @@ class ImageWindows(Dataset):
         return {"image": image, "annotations": torch.zeros((0, 5)), "difficult": torch.zeros(0, dtype=torch.bool),
                 "scale": scale, "index": index, "original_size": original_size}
 
+    def unread_reason(self, number: int) -> str:
+        """Why image `number` has no prediction: its header could not be read, or its pixels not decoded."""
+        return self.unreadable.get(number) or self.undecodable_reason(number)
+
     def undecodable_reason(self, number: int) -> str:
         """Why image `number` failed to decode in a loading process: the error of decoding it again here."""
         try:
@@ -194,7 +198,7 @@ def predict_windows(model: nn.Module, dataset: ImageWindows, batch_size: int = 8
     """Detect with `model` (in eval mode, on its device; in fp16 mixed precision on a GPU) on every window of
     `dataset`, `batch_size` windows at a time, and merge each image's windows (merge_tiles). Returns, per image,
     predict_dataset's dict in the image's pixels, or None for an image that could not be read: its position is
-    then in dataset.unreadable, or its windows failed to decode (dataset.undecodable_reason says why)."""
+    then in dataset.unreadable, or its windows failed to decode (dataset.unread_reason says why)."""
     predictions = []
     if len(dataset):  # no window: no image could be read
         predictions = predict_dataset(model, dataset, batch_size=batch_size, workers=workers)
@@ -216,5 +220,5 @@ def predict_tiled(model: nn.Module, image: str | torch.Tensor, tile_size: int, o
     dataset = ImageWindows([image], model.settings.min_size, model.settings.max_size, tile_size, overlap)
     prediction = predict_windows(model, dataset, batch_size)[0]
     if prediction is None:
-        raise ValueError(dataset.unreadable.get(0) or dataset.undecodable_reason(0))
+        raise ValueError(dataset.unread_reason(0))
     return prediction
