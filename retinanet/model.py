@@ -2,7 +2,7 @@
 small subnets that classify and regress boxes at every anchor of every pyramid level. Read top to bottom: backbone,
 FPN, subnets, and the detector that composes them as Figure 3 draws it, initialised as §4.1 "Initialization" says.
 The training targets and losses are in losses.py, the inference rule of §4.1 in inference.py, every setting in
-settings.py; engine/models.py builds a model with ImageNet weights in its backbone, or loads a trained one.
+settings.py; checkpoint.py builds a model with ImageNet weights in its backbone, or loads a trained one.
 
 Legend for shapes: B batch, A anchors per location (9 by default), K classes, H, W feature size, R anchors over all
 levels.
@@ -12,63 +12,34 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from .anchors import Anchors
 from .inference import detect
-from .losses import RetinaNetLoss
-from .settings import RESNET_BLOCKS, ModelSettings
+from .losses import EMA_START, retinanet_loss
+from .settings import IMAGENET_MEAN, IMAGENET_STD, RESNET_BLOCKS, ModelSettings
 
 FPN_CHANNELS = 256  # §4: "all pyramid levels have C = 256 channels"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics torchvision's ImageNet backbones were trained with
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ResNet(nn.Module):
-    """The backbone (§4 "Feature Pyramid Network Backbone"): a ResNet whose stages conv3..conv5 give the feature
-    maps C3, C4, C5 at strides 8, 16, 32. Names follow torchvision, so its ImageNet weights load as they are."""
+class ResNet(torchvision.models.ResNet):
+    """The backbone (§4 "Feature Pyramid Network Backbone"): torchvision's ResNet without its ImageNet classifier,
+    whose stages conv3..conv5 give the feature maps C3, C4, C5 at strides 8, 16, 32. Its names are torchvision's,
+    so that torchvision's ImageNet weights load as they are."""
 
     def __init__(self, depth: int = 50):
-        super().__init__()
-        if depth not in RESNET_BLOCKS:
-            raise ValueError(f"ResNet depth must be one of {list(RESNET_BLOCKS)}, got {depth}")
         block = Bottleneck if depth >= 50 else BasicBlock  # He et al. 2016, Table 1: bottlenecks from ResNet-50 on
-        blocks_per_stage = RESNET_BLOCKS[depth]
+        super().__init__(block, list(RESNET_BLOCKS[depth]))
+        del self.avgpool, self.fc  # the ImageNet classifier
         self.depth = depth
-        self.inplanes = 64
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_stage(block, 64, blocks_per_stage[0], stride=1)  # C2, stride 4
-        self.layer2 = self._make_stage(block, 128, blocks_per_stage[1], stride=2)  # C3, stride 8
-        self.layer3 = self._make_stage(block, 256, blocks_per_stage[2], stride=2)  # C4, stride 16
-        self.layer4 = self._make_stage(block, 512, blocks_per_stage[3], stride=2)  # C5, stride 32
         self.feature_channels = tuple(width * block.expansion for width in (128, 256, 512))  # C3, C4, C5
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-
-    def _make_stage(self, block, width: int, num_blocks: int, stride: int) -> nn.Sequential:
-        downsample = None
-        if stride != 1 or self.inplanes != width * block.expansion:
-            downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, width * block.expansion, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(width * block.expansion),
-            )
-        blocks = [block(self.inplanes, width, stride, downsample)]
-        self.inplanes = width * block.expansion
-        blocks += [block(self.inplanes, width) for _ in range(1, num_blocks)]
-        return nn.Sequential(*blocks)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """C3, C4, C5 of a (B, 3, H, W) batch."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
-        c3 = self.layer2(self.layer1(x))
+        c3 = self.layer2(self.layer1(x))  # layer1 gives C2, at stride 4
         c4 = self.layer3(c3)
         c5 = self.layer4(c4)
         return c3, c4, c5
@@ -105,7 +76,7 @@ class PyramidFeatures(nn.Module):
         p4 = self.lateral4(c4) + F.interpolate(p5, size=c4.shape[-2:], mode="nearest")
         p3 = self.lateral3(c3) + F.interpolate(p4, size=c3.shape[-2:], mode="nearest")
         outputs = [self.output3(p3), self.output4(p4), self.output5(p5)]
-        p6 = self.p6(c5 if self.p6_from == "c5" else outputs[-1])  # with "p5", the smoothed P5 (as torchvision)
+        p6 = self.p6(c5 if self.p6_from == "c5" else outputs[-1])  # "p5": the smoothed P5, as torchvision
         p7 = self.p7(F.relu(p6))
         return outputs + [p6, p7]
 
@@ -155,14 +126,8 @@ class ClassificationModel(Subnet):
     logits lets the loss use log-sigmoid exactly; the sigmoid is applied at inference.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        num_classes: int,
-        num_anchors: int,
-        feature_size: int = FPN_CHANNELS,
-        prior: float = 0.01,  # §4.1 "Initialization": π = 0.01 "in all experiments"
-    ):
+    def __init__(self, in_channels: int, num_classes: int, num_anchors: int, feature_size: int = FPN_CHANNELS,
+                 prior: float = 0.01):  # §4.1 "Initialization": π = 0.01 "in all experiments"
         super().__init__(in_channels, num_classes, num_anchors, feature_size)
         # §4.1 "Initialization": "For the final conv layer of the classification subnet, we set the bias
         # initialization to b = −log((1 − π)/π), where π specifies that at the start of training every anchor
@@ -171,8 +136,7 @@ class ClassificationModel(Subnet):
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) RGB images, uint8 in 0..255 or float in 0..1, minus the per-channel mean and divided by the std,
-    each (3, 1, 1) in 0..1 units (the model's copies of IMAGENET_MEAN and IMAGENET_STD, on its device)."""
+    """(B, 3, H, W) RGB images (uint8, or float in 0..1) normalised with the backbone's ImageNet statistics."""
     if images.dtype == torch.uint8:
         images = images.float() / 255
     return (images - mean) / std
@@ -203,7 +167,9 @@ class RetinaNet(nn.Module):
         # The ImageNet statistics the backbone's pretrained weights expect, on the model's device (not saved).
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
-        self.loss = RetinaNetLoss(settings)
+        # The "ema" loss normaliser's moving average of the foreground count (losses.normalizer); saved with the
+        # training state, not in the state dict
+        self.register_buffer("foreground_ema", torch.tensor(EMA_START), persistent=False)
         if settings.freeze_bn:
             freeze_batchnorm(self)
         freeze_backbone(self.backbone, settings.freeze_at)
@@ -226,8 +192,7 @@ class RetinaNet(nn.Module):
         return self
 
     def network_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The network of Figure 3 on (B, 3, H, W) RGB images (uint8, or float in 0..1): (B, R, K) class logits and
-        (B, R, 4) box deltas, in the anchors' order. What ONNX export exports."""
+        """The network of Figure 3: (B, R, K) class logits and (B, R, 4) box deltas of (B, 3, H, W) images."""
         images = normalize(images, self.pixel_mean, self.pixel_std)
         features = self.fpn(*self.backbone(images))  # [P3, ..., P7], each (B, C, H_l, W_l)
         cls_logits = torch.cat([self.classification_subnet(level) for level in features], dim=1)  # (B, R, K)
@@ -238,14 +203,14 @@ class RetinaNet(nn.Module):
                 image_sizes: torch.Tensor | None = None):
         cls_logits, box_deltas = self.network_outputs(images)
         if annotations is not None:
-            return self.loss(cls_logits, box_deltas, self.anchors(images), annotations)
+            return retinanet_loss(cls_logits, box_deltas, self.anchors(images), annotations, self.settings,
+                                  self.foreground_ema, update_ema=self.training)
         return self.detect(cls_logits, box_deltas, images.shape[-2:], image_sizes)
 
     @torch.no_grad()
     def detect(self, cls_logits: torch.Tensor, box_deltas: torch.Tensor, padded_size: tuple[int, int],
                image_sizes: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
-        """Detections from (B, R, K) logits and (B, R, 4) deltas of a batch padded to `padded_size` (H, W): the
-        §4.1 inference rule (inference.py) with this model's anchors and settings."""
+        """§4.1's inference rule (inference.py) with this model's anchors and settings, on a batch of padded_size."""
         height, width = padded_size
         device = cls_logits.device
         if image_sizes is None:  # every image fills the batch; made on the device, no copy from the host
@@ -272,17 +237,15 @@ def freeze_batchnorm(model: nn.Module) -> None:
             module.bias.requires_grad_(False)
 
 
-# What freeze_at counts, in order: the stem (conv1 + bn1), then the residual stages conv2_x .. conv5_x.
+# What freeze_at counts, in order: the stem (conv1 + bn1), then the residual stages conv2_x .. conv5_x. freeze_at = 0
+# freezes nothing, 1 the stem, 2 the stem and layer1, ..., 5 the whole ResNet, as detectron2's FREEZE_AT;
+# torchvision's trainable_backbone_layers is 5 - freeze_at. The first layers' ImageNet filters (edges, colours)
+# transfer as they are, and backpropagation stops before the largest feature maps.
 BACKBONE_STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
 
 
 def freeze_backbone(backbone: ResNet, freeze_at: int) -> None:
-    """Stop training the stem and the first freeze_at - 1 residual stages: their parameters get requires_grad False.
-
-    freeze_at = 0 freezes nothing, 1 the stem (conv1, bn1), 2 the stem and layer1, ..., 5 the whole ResNet, as
-    detectron2's FREEZE_AT; torchvision's trainable_backbone_layers is 5 - freeze_at. The first layers' ImageNet
-    filters (edges, colours) transfer as they are, and backpropagation stops before the largest feature maps.
-    """
+    """Stop training the stem and the first freeze_at - 1 residual stages (BACKBONE_STAGES)."""
     for stage in BACKBONE_STAGES[:freeze_at]:
         for name in stage:
             getattr(backbone, name).requires_grad_(False)

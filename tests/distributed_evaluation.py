@@ -6,12 +6,10 @@ images, the first gathers them all and prints the mAP. Run by test_train.py with
 
 import sys
 
-from retinanet.data.datasets import CSVDataset
-from retinanet.engine.batch_inference import check_class_names, gather_predictions, predict_dataset
-from retinanet.engine.evaluation import evaluate
-from retinanet.engine.models import load_model
-from retinanet.engine.runtime import setup_distributed
-from retinanet.transforms import build_transform
+from retinanet.checkpoint import load_model
+from retinanet.dataloader import CSVDataset, build_transform
+from retinanet.evaluation import check_class_names, evaluate, gather_predictions, predict_dataset
+from retinanet.training import setup_distributed
 
 if __name__ == "__main__":
     checkpoint, val_csv, classes_csv = sys.argv[1:]

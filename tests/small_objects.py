@@ -11,8 +11,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
+from retinanet.dataloader import resize_image
 from retinanet.settings import ModelSettings
-from retinanet.transforms import resize_image
 
 CLASS_NAMES = ("disc", "square")
 OBJECT_SIDES = (80, 120)  # pixels, in the large image; a quarter of that in the training set

@@ -6,9 +6,8 @@ import torch
 from conftest import CLASSES, save_image, write
 from hypothesis import given, settings, strategies as st
 
-from retinanet.data.annotations import read_class_list
-from retinanet.data.datasets import CocoDataset, CSVDataset
-from retinanet.data.images import read_rgb_image
+from retinanet.data.coco import CocoDataset
+from retinanet.dataloader import CSVDataset, read_class_list, read_rgb_image
 
 # ------------------------------------------------------------------------------------------------ CSV format
 
@@ -25,12 +24,12 @@ def test_csv_good_file_with_bom_crlf_quoted_path_floats_and_an_empty_image(tmp_p
     assert dataset.class_names == ["cat", "dog"]
     assert dataset.num_classes == 2
     assert len(dataset) == 2
-    assert dataset.image_path(0) == str(tmp_path / "my dir" / "a, b.png")
+    assert dataset.image_paths[0] == str(tmp_path / "my dir" / "a, b.png")
     expected = np.array([[1.5, 2, 10.25, 20, 1], [0, 0, 5, 5, 0]], dtype=np.float32)
     np.testing.assert_array_equal(dataset.load_annotations(0), expected)
     assert dataset.load_annotations(1).shape == (0, 5)
-    assert dataset.aspect_ratio(0) == 40 / 30
-    assert dataset.aspect_ratio(1) == 20 / 50
+    assert dataset.image_sizes[0] == (30, 40)
+    assert dataset.image_sizes[1] == (50, 20)
 
 
 def test_csv_item_is_uint8_rgb_with_annotations(tmp_path):
@@ -112,13 +111,13 @@ def test_csv_missing_images_are_listed_at_construction(tmp_path):
     assert f"line 3: {tmp_path / 'lost.png'}" in str(error.value)
 
 
-def test_boxes_are_clipped_to_the_image_and_vanished_ones_dropped_with_a_warning(tmp_path):
+def test_boxes_are_clipped_to_the_image_and_vanished_ones_dropped_with_a_message(tmp_path, capsys):
     image = save_image(tmp_path / "a.png", width=40, height=30)
     classes = write(tmp_path / "classes.csv", CLASSES)
     annotations = write(tmp_path / "train.csv", "a.png,30,5,60,20,cat\na.png,45,5,60,20,dog\n")
     dataset = CSVDataset(str(annotations), str(classes))
-    with pytest.warns(UserWarning, match=f"{image}: dropped 1 box"):
-        item = dataset[0]
+    assert f"1 image(s) have boxes reaching past the image, such as {image}: they are clipped" in capsys.readouterr().out
+    item = dataset[0]
     torch.testing.assert_close(item["annotations"], torch.tensor([[30.0, 5.0, 40.0, 20.0, 0.0]]))
 
 
@@ -149,10 +148,10 @@ def write_coco(root, set_name, layout="images"):
     (root / "annotations" / f"instances_{set_name}.json").write_text(json.dumps(coco))
 
 
-def test_coco_maps_category_ids_skips_crowd_and_zero_area_keeps_negatives(tmp_path):
+def test_coco_maps_category_ids_skips_crowd_and_zero_area_keeps_negatives(tmp_path, capsys):
     write_coco(tmp_path, "val")
-    with pytest.warns(UserWarning, match=r"dropped 1 zero-area box\(es\), annotation ids \[4\]"):
-        dataset = CocoDataset(str(tmp_path), "val")
+    dataset = CocoDataset(str(tmp_path), "val")
+    assert "dropped 1 zero-area box(es), annotation ids [4]" in capsys.readouterr().out
 
     assert dataset.image_ids == [5, 10, 12]
     assert dataset.coco_id_to_label == {3: 0, 7: 1}
@@ -163,17 +162,17 @@ def test_coco_maps_category_ids_skips_crowd_and_zero_area_keeps_negatives(tmp_pa
     np.testing.assert_array_equal(dataset.load_annotations(1), [[1, 2, 11, 22, 0], [0, 0, 5, 5, 1]])
     assert dataset.load_annotations(0).shape == (0, 5)
     assert dataset.load_annotations(2).shape == (0, 5)
-    assert dataset.aspect_ratio(0) == 20 / 50 and dataset.aspect_ratio(1) == 40 / 30
-    assert dataset.image_path(1) == str(tmp_path / "images" / "val" / "a.png")
+    assert dataset.image_sizes[0] == (50, 20) and dataset.image_sizes[1] == (30, 40)
+    assert dataset.image_paths[1] == str(tmp_path / "images" / "val" / "a.png")
     item = dataset[1]
     assert item["image"].shape == (3, 30, 40) and item["annotations"].shape == (2, 5)
 
 
-def test_coco_reads_images_from_root_set_name_folder(tmp_path):
+def test_coco_reads_images_from_root_set_name_folder(tmp_path, capsys):
     write_coco(tmp_path, "train2017", layout="flat")
-    with pytest.warns(UserWarning, match="zero-area"):
-        dataset = CocoDataset(str(tmp_path), "train2017")
-    assert dataset.image_path(0) == str(tmp_path / "train2017" / "b.png")
+    dataset = CocoDataset(str(tmp_path), "train2017")
+    assert "zero-area" in capsys.readouterr().out
+    assert dataset.image_paths[0] == str(tmp_path / "train2017" / "b.png")
 
 
 def test_coco_missing_annotation_file_is_named(tmp_path):

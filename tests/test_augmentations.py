@@ -8,9 +8,8 @@ import torch
 from PIL import Image
 
 from retinanet.data.augmentations import AUGMENTATIONS, Augmentation
-from retinanet.data.datasets import ImageFileDataset
-from retinanet.dataloader import DetectionDataset, collate, inside_image, item_seed
-from retinanet.transforms import MEAN_COLOUR, DetectionTransform, Resize, build_transform
+from retinanet.dataloader import (MEAN_COLOUR, DetectionDataset, DetectionTransform, Resize, build_transform, collate,
+                                  inside_image, item_seed)
 
 BACKGROUND = (128, 128, 128)  # grey stays grey under every photometric change
 # One rectangle per colour channel: label k is the rectangle whose channel k dominates. x1, y1, x2, y2 in pixels of
@@ -33,7 +32,7 @@ def rectangles_image(path) -> str:
 
 def rectangles_dataset(tmp_path, transform) -> DetectionDataset:
     annotations = np.array([[*box, label] for label, box in enumerate(RECTANGLES)], dtype=np.float32)
-    return ImageFileDataset([rectangles_image(tmp_path / "rectangles.png")], [annotations], ["red", "green", "blue"],
+    return DetectionDataset([rectangles_image(tmp_path / "rectangles.png")], [annotations], ["red", "green", "blue"],
                             transform, difficult=[np.array(DIFFICULT)])
 
 
@@ -68,7 +67,7 @@ def test_each_augmentation_keeps_every_box_on_its_object_with_its_label(tmp_path
     for seed in SEEDS:
         assert_boxes_on_their_rectangles(dataset[(0, seed)])
     # The same augmentation without resize jitter and flip: it changes some of the items.
-    alone = rectangles_dataset(tmp_path, DetectionTransform(Resize(60, 1000), None, Augmentation(names, MEAN_COLOUR)))
+    alone = rectangles_dataset(tmp_path, Augmentation(names, MEAN_COLOUR).around(DetectionTransform(Resize(60, 1000))))
     plain = alone[0]
     assert any(not torch.equal(alone[(0, seed)]["image"], plain["image"]) for seed in SEEDS)
 
@@ -99,7 +98,7 @@ def test_an_augmented_batch_of_images_without_boxes_is_valid(tmp_path):
         Image.new("RGB", size, (10 * i, 200, 90)).save(tmp_path / f"{i}.png")
         paths.append(str(tmp_path / f"{i}.png"))
     no_boxes = [np.zeros((0, 5), np.float32)] * len(paths)
-    dataset = ImageFileDataset(paths, no_boxes, ["cat"],
+    dataset = DetectionDataset(paths, no_boxes, ["cat"],
                                build_transform(True, 32, 64, augmentation=Augmentation(AUGMENTATIONS)))
     for seed in SEEDS:
         batch = collate([dataset[(index, seed)] for index in range(3)])

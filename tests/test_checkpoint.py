@@ -3,8 +3,8 @@ import os
 import pytest
 import torch
 
-from retinanet.engine.checkpoint import infer_architecture, read_checkpoint, save_checkpoint
-from retinanet.engine.models import load_model
+from retinanet.checkpoint import load_model, read_checkpoint, save_checkpoint
+from retinanet.extras.interop import infer_architecture
 from retinanet.model import RetinaNet
 from retinanet.settings import ModelSettings
 

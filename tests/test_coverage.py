@@ -15,12 +15,12 @@ import train
 import visualize
 
 from retinanet.anchors import Anchors
-from retinanet.data.datasets import CSVDataset
+from retinanet.checkpoint import read_checkpoint
+from retinanet.dataloader import CSVDataset
 from retinanet.diagnostics.anchor_fit import TARGET_COVERAGE, anchor_flags, fit_anchors, fit_report
 from retinanet.diagnostics.check import dataset_boxes
 from retinanet.diagnostics.coverage import anchor_coverage, coverage_report, level_ious, shorter_sides
-from retinanet.engine.checkpoint import read_checkpoint
-from retinanet.engine.drawing import CAPTION_HEIGHT, COVERED_COLOUR, UNCOVERED_COLOUR
+from retinanet.extras.drawing import CAPTION_HEIGHT, COVERED_COLOUR, UNCOVERED_COLOUR
 from retinanet.settings import ModelSettings
 
 SUMMARY = re.compile(r"^anchor coverage: (\d+\.\d)% of (\d+) boxes have an anchor with IoU >= 0\.5$", re.MULTILINE)
@@ -167,7 +167,7 @@ def small_csv_dataset(tmp_path):
 
 def test_check_data_reports_the_coverage_at_the_training_size(tmp_path, capsys):
     csv_train, classes = small_csv_dataset(tmp_path)
-    flags = ["--dataset", "csv", "--csv_train", csv_train, "--csv_classes", classes, "--no_pretrained",
+    flags = ["--dataset", "csv", "--csv_train", csv_train, "--classes", classes, "--no_pretrained",
              "--min_size", "200", "--max_size", "400", "--workers", "0"]
     assert train.main(flags + ["--check_data"]) == 0
     output = capsys.readouterr().out
@@ -181,8 +181,8 @@ def test_check_data_reports_the_coverage_at_the_training_size(tmp_path, capsys):
 
 def test_visualize_draws_each_box_with_its_best_anchor_green_or_red(tmp_path):
     csv_train, classes = small_csv_dataset(tmp_path)
-    flags = ["--anchors", "--dataset", "csv", "--csv_annotations", csv_train, "--csv_classes", classes,
-             "--min_size", "200", "--max_size", "400", "--output", str(tmp_path / "drawn")]
+    flags = ["--anchors", "--dataset", "csv", "--csv_train", csv_train, "--classes", classes,
+             "--min_size", "200", "--max_size", "400", "--output_dir", str(tmp_path / "drawn")]
     assert visualize.main(flags) == 0
     drawn = [np.array(Image.open(tmp_path / "drawn" / f"{index}.png")) for index in range(4)]
     assert drawn[0].shape == (CAPTION_HEIGHT + 200, 200, 3) and drawn[2].shape == (CAPTION_HEIGHT + 133, 400, 3)
@@ -240,7 +240,7 @@ def test_fitted_anchors_train_to_a_higher_map_on_tiny_objects(tmp_path):
     assert fitted.coverage_before == 0.0 and fitted.coverage > 0.5
     mean_ap = {}
     for name, anchors in (("default", []), ("fitted", anchor_flags(fitted).split())):
-        flags = ["--dataset", "csv", "--csv_train", train_csv, "--csv_classes", classes, "--csv_val", val_csv,
+        flags = ["--dataset", "csv", "--csv_train", train_csv, "--classes", classes, "--csv_val", val_csv,
                  "--min_size", "64", "--max_size", "64", "--no_pretrained", "--depth", "18", "--optimizer", "adamw",
                  "--epochs", "6", "--eval_every", "6", "--warmup_iters", "20", "--workers", "0",
                  "--output_dir", str(tmp_path / name), *anchors]

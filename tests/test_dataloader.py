@@ -3,8 +3,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from retinanet.dataloader import AspectRatioBatchSampler, collate
-from retinanet.transforms import MEAN_COLOUR
+from retinanet.dataloader import MEAN_COLOUR, TrainingSampler, collate, item_seed, orientation_batches
 
 
 def item(height, width, boxes, index, scale=1.0):
@@ -40,13 +39,19 @@ def test_collate_of_images_without_boxes_and_another_divisor():
 
 
 RATIOS = [1.5, 0.5, 1.0, 0.75, 2.0, 0.6, 1.33, 1.33, 0.9, 1.2, 0.8, 1.1, 0.5, 1.7, 0.4, 1.0, 3.0, 0.7, 1.25]
+SIZES = [(100, round(100 * ratio)) for ratio in RATIOS]  # (height, width): width / height is the ratio
+
+
+def indices(sampler) -> list[list[int]]:
+    """The batches of a TrainingSampler as lists of indices (it yields (index, seed) pairs)."""
+    return [[index for index, _ in batch] for batch in sampler]
 
 
 def test_sampler_groups_orientations_and_yields_each_index_once_per_epoch():
-    sampler = AspectRatioBatchSampler(RATIOS, batch_size=4, seed=1)
+    sampler = TrainingSampler(SIZES, batch_size=4, seed=1)
     for epoch in range(3):
         sampler.set_epoch(epoch)
-        batches = list(sampler)
+        batches = indices(sampler)
         assert len(batches) == len(sampler) == 5  # 11 landscape -> 4 + 4 + 3, 8 portrait -> 4 + 4
         assert sorted(index for batch in batches for index in batch) == list(range(len(RATIOS)))
         for batch in batches:
@@ -55,7 +60,7 @@ def test_sampler_groups_orientations_and_yields_each_index_once_per_epoch():
 
 
 def test_sampler_order_changes_with_the_epoch_and_set_epoch_is_deterministic():
-    sampler = AspectRatioBatchSampler(RATIOS, batch_size=4, seed=1)
+    sampler = TrainingSampler(SIZES, batch_size=4, seed=1)
     epoch_0 = list(sampler)
     sampler.set_epoch(1)
     epoch_1 = list(sampler)
@@ -63,56 +68,56 @@ def test_sampler_order_changes_with_the_epoch_and_set_epoch_is_deterministic():
     assert list(sampler) == epoch_1
     sampler.set_epoch(0)
     assert list(sampler) == epoch_0
-    other_seed = AspectRatioBatchSampler(RATIOS, batch_size=4, seed=2)
-    assert list(other_seed) != epoch_0
+    assert list(TrainingSampler(SIZES, batch_size=4, seed=2)) != epoch_0
+    # each item carries the seed of its random transforms, a function of the run's seed, the epoch and the index
+    assert all(seed == item_seed(1, 0, index) for batch in epoch_0 for index, seed in batch)
 
 
-def test_sampler_without_shuffle_and_with_drop_last():
-    batches = list(AspectRatioBatchSampler(RATIOS[:6], batch_size=2, shuffle=False))
+def test_sampler_starts_an_epoch_where_a_resumed_run_stopped():
+    sampler = TrainingSampler(SIZES, batch_size=4, seed=1)
+    sampler.set_epoch(2)
+    whole = list(sampler)
+    sampler.set_epoch(2, start=3)
+    assert list(sampler) == whole[3:]
+
+
+def test_orientation_batches_in_order():
     # landscape 0, 2, 4; portrait 1, 3, 5: buckets are emitted as they fill, then the leftovers (portrait first)
-    assert batches == [[0, 2], [1, 3], [5], [4]]
-    dropped = AspectRatioBatchSampler(RATIOS[:6], batch_size=2, shuffle=False, drop_last=True)
-    assert list(dropped) == [[0, 2], [1, 3]] and len(dropped) == 2
+    assert orientation_batches(SIZES[:6], range(6), 2) == [[0, 2], [1, 3], [5], [4]]
+    with pytest.raises(ValueError, match="batch_size"):
+        orientation_batches(SIZES, range(3), 0)
 
 
 def test_sampler_shards_are_disjoint_and_cover_every_index():
-    ranks = [AspectRatioBatchSampler(RATIOS, batch_size=3, num_replicas=2, rank=rank, seed=5) for rank in (0, 1)]
+    ranks = [TrainingSampler(SIZES, batch_size=3, rank=rank, world_size=2, seed=5) for rank in (0, 1)]
     # 11 landscape -> 4 batches, 8 portrait -> 3 batches: 7 batches, one repeated so each rank gets 4
     assert len(ranks[0]) == len(ranks[1]) == 4
-    shards = [list(sampler) for sampler in ranks]
+    shards = [indices(sampler) for sampler in ranks]
     assert [len(shard) for shard in shards] == [4, 4]
-    indices = [[index for batch in shard for index in batch] for shard in shards]
-    assert sorted(indices[0] + indices[1][:-len(shards[1][-1])]) == list(range(len(RATIOS)))  # minus the repeat
+    seen = [[index for batch in shard for index in batch] for shard in shards]
+    assert sorted(seen[0] + seen[1][:-len(shards[1][-1])]) == list(range(len(RATIOS)))  # minus the repeat
     assert shards[1][-1] == shards[0][0]  # the padding repeats the first batch
-    assert not set(indices[0]) & set(index for batch in shards[1][:-1] for index in batch)
+    assert not set(seen[0]) & set(index for batch in shards[1][:-1] for index in batch)
 
 
 @settings(max_examples=60, deadline=None)
 @given(
     num_images=st.integers(1, 40),
     batch_size=st.integers(1, 6),
-    num_replicas=st.integers(1, 4),
-    drop_last=st.booleans(),
+    world_size=st.integers(1, 4),
     seed=st.integers(0, 1000),
 )
-def test_sampler_length_is_exact_on_every_rank(num_images, batch_size, num_replicas, drop_last, seed):
-    ratios = np.random.default_rng(seed).uniform(0.3, 3.0, num_images).tolist()
-    samplers = [
-        AspectRatioBatchSampler(ratios, batch_size, drop_last=drop_last, num_replicas=num_replicas, rank=rank)
-        for rank in range(num_replicas)
-    ]
-    shards = [list(sampler) for sampler in samplers]
+def test_sampler_length_is_exact_on_every_rank(num_images, batch_size, world_size, seed):
+    sizes = [(100, round(100 * ratio)) for ratio in np.random.default_rng(seed).uniform(0.3, 3.0, num_images)]
+    samplers = [TrainingSampler(sizes, batch_size, rank=rank, world_size=world_size) for rank in range(world_size)]
+    shards = [indices(sampler) for sampler in samplers]
     lengths = [len(sampler) for sampler in samplers]
-    assert [len(shard) for shard in shards] == lengths == [lengths[0]] * num_replicas
-    seen = [index for shard in shards for batch in shard for index in batch]
-    if not drop_last:
-        assert set(seen) == set(range(num_images))
-    else:
-        assert len(seen) == len(set(seen))
+    assert [len(shard) for shard in shards] == lengths == [lengths[0]] * world_size
+    assert {index for shard in shards for batch in shard for index in batch} == set(range(num_images))
 
 
 def test_sampler_rejects_bad_arguments():
     with pytest.raises(ValueError, match="rank"):
-        AspectRatioBatchSampler(RATIOS, batch_size=2, num_replicas=2, rank=2)
+        TrainingSampler(SIZES, batch_size=2, rank=2, world_size=2)
     with pytest.raises(ValueError, match="at least one"):
-        AspectRatioBatchSampler([], batch_size=2)
+        TrainingSampler([], batch_size=2)

@@ -10,7 +10,7 @@ import csv_eval
 import predict
 import visualize
 
-from retinanet.engine.models import load_model
+from retinanet.checkpoint import load_model
 from retinanet.model import RetinaNet
 from retinanet.settings import ModelSettings
 
@@ -48,8 +48,8 @@ def test_the_scripts_take_the_caps_and_say_when_an_image_reached_one(trained_sha
     data = trained_shapes_run.data_dir
     model_flags = ["--model", trained_shapes_run.checkpoint, "--device", "cpu", "--workers", "0"]
     caps = ["--max_detections", "3", "--nms_threshold", "0.3", "--topk_candidates", "50"]
-    low = ["--detection_threshold", "0.001"]  # a 2-iteration model scores about the prior, 0.01
-    assert csv_eval.main(["--csv_annotations", f"{data}/val.csv", "--csv_classes", f"{data}/classes.csv",
+    low = ["--score_threshold", "0.001"]  # a 2-iteration model scores about the prior, 0.01
+    assert csv_eval.main(["--csv_val", f"{data}/val.csv", "--classes", f"{data}/classes.csv",
                           *model_flags, *caps, *low]) == 0
     assert "4 of 4 images reached the cap of 3 detections an image" in capsys.readouterr().out  # a barely trained model
     found = tmp_path / "found.csv"
@@ -57,10 +57,10 @@ def test_the_scripts_take_the_caps_and_say_when_an_image_reached_one(trained_sha
                          "--score_threshold", "0.001"]) == 0
     assert "reached the cap of 3 detections" in capsys.readouterr().out
     assert len(found.read_text().splitlines()) == 12  # 3 detections in each of the 4 images
-    assert coco_eval.main(["--coco_path", data, "--set_name", "val", *model_flags, "--output_dir", str(tmp_path),
+    assert coco_eval.main(["--coco_path", data, "--val_set", "val", *model_flags, "--output_dir", str(tmp_path),
                            "--max_detections", "300", *low]) == 0
-    assert "no image reached the cap of detections" in capsys.readouterr().out
-    assert visualize.main(["--images", os.path.join(data, "images", "val"), "--output", str(tmp_path / "drawn"),
+    assert "no image reached the cap of 300 detections" in capsys.readouterr().out
+    assert visualize.main(["--images", os.path.join(data, "images", "val"), "--output_dir", str(tmp_path / "drawn"),
                            *model_flags, *caps, *low]) == 0
     assert "4 of 4 images reached the cap of 3 detections an image" in capsys.readouterr().out
     settings = load_model(trained_shapes_run.checkpoint, max_detections=3, nms_threshold=0.3).model.settings

@@ -14,10 +14,11 @@ from torch import nn
 
 import csv_eval
 
-from retinanet.data.datasets import CocoDataset, CSVDataset
-from retinanet.engine import coco_evaluation, evaluation
-from retinanet.engine.batch_inference import check_class_names, predict_dataset
-from retinanet.transforms import build_transform
+from retinanet import evaluation
+from retinanet.data import coco as coco_evaluation
+from retinanet.data.coco import CocoDataset
+from retinanet.dataloader import CSVDataset, build_transform
+from retinanet.evaluation import check_class_names, predict_dataset
 
 
 def boxes(*rows) -> np.ndarray:
@@ -148,7 +149,7 @@ def test_precision_and_recall_are_computed_per_class():
     detections = [[scored(A + [0.9], FAR + [0.8], B + [0.3]), scored(C + [0.7]), scored(D + [0.6])]]
     annotations = [[boxes(A, B), boxes(C), NONE_4]]
     curves = evaluation.precision_recall_curves(detections, annotations)
-    table = evaluation.metrics_table(curves, score_threshold=0.5, class_names=["cat", "dog", "cow"])
+    table = evaluation.metrics_table(curves, pr_threshold=0.5, class_names=["cat", "dog", "cow"])
     assert list(table.columns) == ["class", "AP", "annotations", "precision", "recall"]
     assert list(table["class"]) == ["cat", "dog", "cow"]
     assert list(table["annotations"]) == [2, 1, 0]
@@ -160,7 +161,7 @@ def test_precision_and_recall_are_computed_per_class():
 
 def test_operating_point_without_detections_above_the_threshold():
     curve = evaluation.precision_recall_curves([[scored(A + [0.2])]], [[boxes(A)]])[0]
-    precision, recall = evaluation.operating_point(curve, score_threshold=0.5)
+    precision, recall = evaluation.operating_point(curve, pr_threshold=0.5)
     assert np.isnan(precision)  # 0 / 0 detections
     assert recall == 0.0
 
@@ -261,7 +262,7 @@ def test_class_names_of_model_and_dataset_must_agree():
 
 def test_csv_eval_script_reports_a_missing_file_without_traceback(trained_shapes_run, tmp_path, capsys):
     missing = str(tmp_path / "missing.csv")
-    arguments = ["--csv_annotations", missing, "--csv_classes", missing, "--model", trained_shapes_run.checkpoint,
+    arguments = ["--csv_val", missing, "--classes", missing, "--model", trained_shapes_run.checkpoint,
                  "--device", "cpu"]  # the model is loaded first, then the dataset read
     status = csv_eval.main(arguments)
     assert status == 2
@@ -269,16 +270,13 @@ def test_csv_eval_script_reports_a_missing_file_without_traceback(trained_shapes
     assert "missing.csv" in error and "Traceback" not in error
 
 
-def test_scripts_import_without_the_model_code(monkeypatch):
-    for name in ("retinanet.model", "retinanet.engine.checkpoint"):
+def test_the_evaluation_code_imports_without_the_model_code(monkeypatch):
+    for name in ("retinanet.model", "retinanet.checkpoint"):
         monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: importing it raises ImportError
-    for name in ("csv_eval", "coco_eval", "retinanet.engine.evaluation", "retinanet.engine.coco_evaluation", "retinanet.engine.batch_inference",
-                 "retinanet.dataloader"):
+    for name in ("retinanet.evaluation", "retinanet.data.coco", "retinanet.dataloader", "retinanet.inference"):
         monkeypatch.delitem(sys.modules, name, raising=False)  # import these afresh; restored after the test
-    importlib.import_module("retinanet.engine.evaluation")
-    importlib.import_module("retinanet.engine.coco_evaluation")
-    importlib.import_module("csv_eval")
-    importlib.import_module("coco_eval")
+    importlib.import_module("retinanet.evaluation")
+    importlib.import_module("retinanet.data.coco")
 
 
 # ---------------------------------------------------------------------------------------------------- COCO

@@ -4,7 +4,7 @@ import torchvision
 from torch import nn
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
-from retinanet.engine.models import build_model
+from retinanet.checkpoint import build_model
 from retinanet.model import RetinaNet, freeze_backbone
 from retinanet.settings import ModelSettings, initial_freezing
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from retinanet import fused_focal_loss as fused
+from retinanet import losses as fused
 from retinanet.losses import focal_loss
 
 OPTIONS = [(0.25, 2.0), (-1, 0.0), (0.5, 0.5), (0.75, 5.0)]

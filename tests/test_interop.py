@@ -17,9 +17,8 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import nms
 
 from retinanet.anchors import Anchors
-from retinanet.engine.checkpoint import read_checkpoint
-from retinanet.engine.interop import YHENON_PREFIXES, coco_labels, convert_torchvision
-from retinanet.engine.models import load_model
+from retinanet.checkpoint import load_model, read_checkpoint
+from retinanet.extras.interop import YHENON_PREFIXES, coco_labels, convert_torchvision
 from retinanet.model import RetinaNet, normalize
 from retinanet.settings import ModelSettings
 
@@ -152,7 +151,7 @@ def yhenon_like_state_dict() -> dict[str, torch.Tensor]:
         # Scale each level so that its logits vary alike: with zero biases, convs and ReLUs scale with the input.
         for name, factor in (("output3", 0.15), ("output4", 0.18), ("output5", 0.37), ("p7", 20.0)):
             getattr(model.fpn, name).weight.mul_(factor)
-        model.classification_subnet.output.bias.fill_(-4.8)  # a few scores above 0.05 (logit -2.94)
+        model.classification_subnet.output.bias.fill_(-4.6)  # a few scores above 0.05 (logit -2.94)
     return yhenon_names(model.state_dict())
 
 
@@ -222,6 +221,7 @@ def like_coco_v1(model: nn.Module, labels: list[int]) -> None:
 
 def test_torchvision_coco_weights_convert_and_detect_as_in_torchvision(tmp_path):
     torch.manual_seed(0)
+    torch.manual_seed(0)
     height, width = 128, 256  # multiples of 128: torchvision's strides (image size // grid size) are then 2^l
     # Sizes that give a resize factor of 1: torchvision's transform only normalises, with ImageNet's mean and std.
     reference = torchvision.models.detection.retinanet_resnet50_fpn(
@@ -256,7 +256,9 @@ def test_torchvision_coco_weights_convert_and_detect_as_in_torchvision(tmp_path)
         assert len(expected["scores"]) >= 50 and len(mine["scores"]) == 300
         mine = {key: value[: len(expected["scores"])] for key, value in mine.items()}
         mine = dict(mine, labels=torch.tensor(labels)[mine["labels"]])  # our label i is COCO category labels[i]
-        assert_same_detections(mine, expected, box_atol=1e-3, score_atol=1e-5)
+        # Float rounding: the two sum their convolutions in different orders; over six seeds, the largest box
+        # difference was 2.7e-4 to 1.1e-3 px (boxes up to 256 px wide).
+        assert_same_detections(mine, expected, box_atol=2e-3, score_atol=1e-5)
 
 
 def test_torchvision_anchors_by_hand_and_against_its_anchor_generator():

@@ -5,11 +5,12 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
-from retinanet.boxes import MAX_LOG_SCALE, batched_box_iou, decode, encode
-from retinanet.losses import BACKGROUND, IGNORED, RetinaNetLoss, focal_loss, generalized_iou_loss, match_batch
+from retinanet.anchors import MAX_LOG_SCALE, batched_box_iou, decode, encode
+from retinanet.losses import (BACKGROUND, EMA_START, IGNORED, focal_loss, generalized_iou_loss, match_batch,
+                              retinanet_loss, summed_losses)
 from retinanet.settings import BOX_CODINGS, ModelSettings
 
-YHENON_STD = BOX_CODINGS["yhenon"][0]  # (0.1, 0.1, 0.2, 0.2)
+YHENON_STD = BOX_CODINGS["yhenon"]["box_coder_std"]  # (0.1, 0.1, 0.2, 0.2)
 
 
 def test_focal_loss_equals_torchvision():
@@ -101,11 +102,17 @@ def make_batch():
     return anchors, annotations
 
 
+def loss_of(settings: ModelSettings):
+    """The loss of a model of these settings, with a fresh moving average of the foreground count."""
+    foreground_ema = torch.tensor(EMA_START)
+    return lambda *inputs: retinanet_loss(*inputs, settings, foreground_ema)
+
+
 def test_loss_by_hand_on_a_tiny_batch():
     anchors, annotations = make_batch()
     cls_logits = torch.zeros(2, 3, 2)  # p = 0.5 everywhere
     deltas = torch.zeros(2, 3, 4)
-    cls_loss, box_loss = RetinaNetLoss(ModelSettings(num_classes=2))(cls_logits, deltas, anchors, annotations)
+    cls_loss, box_loss = loss_of(ModelSettings(num_classes=2))(cls_logits, deltas, anchors, annotations)
     # One foreground anchor (image 0, anchor 0, class 1); anchor 1 of image 0 is ignored (IoU 0.45).
     # At p = 0.5: FL = α_t * 0.5² * log 2 for every counted element.
     positive = 0.25 * 0.25 * math.log(2)
@@ -122,7 +129,7 @@ def test_empty_annotations_give_finite_loss_and_zero_regression():
     cls_logits = torch.randn(2, 3, 2, generator=generator, requires_grad=True)
     deltas = torch.randn(2, 3, 4, generator=generator, requires_grad=True)
     for annotations in (torch.full((2, 3, 5), -1.0), torch.zeros(2, 0, 5)):
-        cls_loss, box_loss = RetinaNetLoss(ModelSettings(num_classes=2))(cls_logits, deltas, anchors, annotations)
+        cls_loss, box_loss = loss_of(ModelSettings(num_classes=2))(cls_logits, deltas, anchors, annotations)
         assert torch.isfinite(cls_loss) and cls_loss > 0
         assert box_loss.item() == 0.0
         (cls_loss + box_loss).backward()
@@ -132,7 +139,7 @@ def test_giou_box_loss_and_ema_normalizer():
     anchors, annotations = make_batch()
     deltas = torch.zeros(2, 3, 4)
     deltas[0, 0] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # moves the box by 0.1 * 10 = 1 px in x
-    loss = RetinaNetLoss(ModelSettings(num_classes=2, box_loss="giou", loss_normalizer="ema", box_coder_std=YHENON_STD))
+    loss = loss_of(ModelSettings(num_classes=2, box_loss="giou", loss_normalizer="ema", box_coder_std=YHENON_STD))
     _, box_loss = loss(torch.zeros(2, 3, 2), deltas, anchors, annotations)
     # Boxes [1, 0, 11, 10] and [0, 0, 10, 10]: IoU = 90 / 110, hull = 110 = union, so GIoU loss = 1 - 9/11.
     # EMA normaliser: 0.9 * 100 + 0.1 * 1 = 90.1 foreground anchors.
@@ -141,9 +148,9 @@ def test_giou_box_loss_and_ema_normalizer():
 
 def test_loss_rejects_unknown_options():
     with pytest.raises(ValueError, match="box_loss"):
-        RetinaNetLoss(ModelSettings(num_classes=2, box_loss="l2"))
+        loss_of(ModelSettings(num_classes=2, box_loss="l2"))
     with pytest.raises(ValueError, match="loss_normalizer"):
-        RetinaNetLoss(ModelSettings(num_classes=2, loss_normalizer="none"))
+        loss_of(ModelSettings(num_classes=2, loss_normalizer="none"))
 
 
 def test_focal_loss_gradient_matches_autograd_through_torchvision():
@@ -187,8 +194,8 @@ def reference_losses(cls_logits, box_deltas, anchors, annotations, settings):
         targets = torch.zeros_like(logits)
         targets[foreground, rows[matches[foreground], 4].long()] = 1.0
         counted = matches != IGNORED
-        cls_total = cls_total + sigmoid_focal_loss(logits[counted], targets[counted], settings.alpha,
-                                                   settings.gamma, reduction="sum")
+        cls_total = cls_total + sigmoid_focal_loss(logits[counted], targets[counted], settings.focal_alpha,
+                                                   settings.focal_gamma, reduction="sum")
         matched_boxes, foreground_anchors = rows[matches[foreground], :4], anchors[foreground]
         std = settings.box_coder_std
         if settings.box_loss == "giou":
@@ -223,12 +230,12 @@ def random_case(seed: int, batch: int = 3, num_anchors: int = 60, num_classes: i
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("options", [
     dict(), dict(box_loss="giou"), dict(box_coder_std=YHENON_STD, smooth_l1_beta=1 / 9),
-    dict(allow_low_quality_matches=False, alpha=0.5, gamma=1.5),
+    dict(allow_low_quality_matches=False, focal_alpha=0.5, focal_gamma=1.5),
 ])
 def test_loss_equals_the_per_image_reference_values_and_gradients(seed, options):
     settings = ModelSettings(num_classes=4, **options)
     cls_logits, box_deltas, anchors, annotations = random_case(seed)
-    ours = RetinaNetLoss(settings)(cls_logits, box_deltas, anchors, annotations)
+    ours = loss_of(settings)(cls_logits, box_deltas, anchors, annotations)
     theirs = reference_losses(cls_logits, box_deltas, anchors, annotations, settings)
     for mine, expected in zip(ours, theirs):
         torch.testing.assert_close(mine, expected)
@@ -242,9 +249,9 @@ def test_loss_equals_the_per_image_reference_values_and_gradients(seed, options)
 def test_the_whole_batch_at_once_equals_one_image_at_a_time():
     # A GPU takes the batch in one piece, a CPU one image at a time: the same sums.
     cls_logits, box_deltas, anchors, annotations = random_case(7, batch=4)
-    loss = RetinaNetLoss(ModelSettings(num_classes=4))
-    whole = loss.summed_losses(cls_logits, box_deltas, annotations, anchors)
-    per_image = [loss.summed_losses(*chunk, anchors) for chunk in
+    settings = ModelSettings(num_classes=4)
+    whole = summed_losses(cls_logits, box_deltas, annotations, anchors, settings)
+    per_image = [summed_losses(*chunk, anchors, settings) for chunk in
                  zip(cls_logits.split(1), box_deltas.split(1), annotations.split(1))]
     for total, parts in zip(whole, zip(*per_image)):
         torch.testing.assert_close(total, sum(parts))

@@ -7,8 +7,8 @@ import torch
 import torchvision
 from test_interop import assert_same_detections
 
-from retinanet.engine.checkpoint import model_state_dict
-from retinanet.engine.models import WeightsUnavailableError, build_model
+from retinanet.checkpoint import WeightsUnavailableError, build_model
+from retinanet.extras.interop import yhenon_checkpoint
 from retinanet.model import RetinaNet
 from retinanet.settings import ModelSettings, initial_freezing
 
@@ -113,7 +113,7 @@ def test_state_dict_is_compatible_with_yhenon_checkpoints():
     expected = yhenon_keys_and_shapes(80)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state = {k: torch.randn(shape) if len(shape) else torch.tensor(0) for k, shape in expected.items()}
-    renamed = model_state_dict(state)  # yhenon's names -> ours, as every checkpoint read does
+    renamed = yhenon_checkpoint(state)["model"]  # yhenon's names -> ours, as every read of a bare state dict does
     assert {k: tuple(v.shape) for k, v in renamed.items()} == ours
     model.load_state_dict(renamed, strict=True)
 
@@ -151,8 +151,12 @@ def test_detect_suppresses_per_class_and_handles_empty_images():
 
 def test_detect_keeps_at_most_max_detections_and_topk_per_level():
     model = RetinaNet(ModelSettings(num_classes=2, depth=18, max_detections=5, topk_candidates=3))
-    cls_logits = torch.randn(1, sum(model.anchors.num_per_level(64, 64)), 2) + 5  # everything passes 0.05
-    detections = model.detect(cls_logits, torch.zeros(*cls_logits.shape[:2], 4), (64, 64))
+    generator = torch.Generator().manual_seed(0)
+    cls_logits = torch.randn(1, sum(model.anchors.num_per_level(256, 256)), 2, generator=generator) + 5  # all pass 0.05
+    deltas = torch.zeros(*cls_logits.shape[:2], 4)
+    uncapped = RetinaNet(model.settings.replace(max_detections=100)).detect(cls_logits, deltas, (256, 256))
+    assert 5 < len(uncapped[0]["scores"]) <= 5 * 3 * 2  # the cap binds; 3 candidates per level
+    detections = model.detect(cls_logits, deltas, (256, 256))
     assert len(detections[0]["scores"]) == 5
     assert (detections[0]["scores"][:-1] >= detections[0]["scores"][1:]).all()
 

@@ -16,4 +16,4 @@ def test_setuptools_finds_the_package_and_its_three_subpackages():
     from setuptools import find_packages
 
     assert sorted(find_packages(str(ROOT), include=["retinanet*"])) == [
-        "retinanet", "retinanet.data", "retinanet.diagnostics", "retinanet.engine"]
+        "retinanet", "retinanet.data", "retinanet.diagnostics", "retinanet.extras"]

@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from retinanet.data.datasets import CSVDataset
-from retinanet.engine.models import load_model
+from retinanet.checkpoint import load_model
+from retinanet.dataloader import CSVDataset, build_transform
 from retinanet.losses import IGNORED, match_batch
-from retinanet.transforms import build_transform
 from tools import paper_figures
 
 
@@ -53,8 +52,8 @@ def test_figure4_samples_each_anchor_and_class_as_training_labels_them(trained_s
     # Images batched in pairs are padded to the same size: their padding anchors are background, counted too
     assert len(positives) == foreground and len(positives) + len(negatives) >= counted * model.num_classes
     assert paper_figures.main(["figure4", "--model", trained_shapes_run.checkpoint, "--images", "2",
-                               "--csv_annotations", f"{trained_shapes_run.data_dir}/val.csv",
-                               "--csv_classes", f"{trained_shapes_run.data_dir}/classes.csv",
+                               "--csv_val", f"{trained_shapes_run.data_dir}/val.csv",
+                               "--classes", f"{trained_shapes_run.data_dir}/classes.csv",
                                "--output_dir", str(tmp_path)]) == 0
     assert (tmp_path / "figure4.png").stat().st_size > 0
 
@@ -67,5 +66,5 @@ def test_table1_trains_and_scores_each_row(tmp_path, monkeypatch):
     (row,) = result["rows"]
     assert (row["gamma"], row["alpha"], result["run"]["epochs"]) == (2.0, 0.25, 1) and 0 <= row["ap"] <= row["ap50"] <= 1
     trained = load_model(str(tmp_path / "gamma2_alpha0.25" / "last.pt")).model.settings
-    assert (trained.gamma, trained.alpha) == (2.0, 0.25)
+    assert (trained.focal_gamma, trained.focal_alpha) == (2.0, 0.25)
     assert "| 1b | 2 | 0.25 |" in (tmp_path / "table1.md").read_text()

@@ -1,4 +1,4 @@
-"""Tests of predict.py and retinanet/engine/detection_files.py: which images the inputs name, the CSV and JSON files
+"""Tests of predict.py: which images the inputs name, the CSV and JSON files
 against the model's own detections, images that cannot be read, and (slow) tiled against whole-image prediction with
 a RetinaNet trained by train.py on small objects."""
 
@@ -17,15 +17,10 @@ from torchvision.ops import box_iou
 import predict
 import train
 
-from retinanet.data.annotations import read_csv_image_paths
-from retinanet.data.datasets import ImageFileDataset
-from retinanet.data.images import find_images
-from retinanet.engine.batch_inference import predict_dataset
-from retinanet.engine.checkpoint import read_checkpoint
-from retinanet.engine.detection_files import collect_images
-from retinanet.engine.flags import given
-from retinanet.engine.models import load_model
-from retinanet.transforms import build_transform
+from retinanet.checkpoint import load_model, read_checkpoint
+from retinanet.dataloader import DetectionDataset, build_transform, find_images, read_csv_image_paths
+from retinanet.evaluation import predict_dataset
+from retinanet.settings import INFERENCE_SETTINGS, typed_settings
 
 NUM_VAL_IMAGES = 4  # the shapes validation images of trained_shapes_run
 
@@ -49,7 +44,7 @@ def test_inputs_mix_files_folders_searched_recursively_and_csv_images_each_once(
     # Relative to the CSV's folder, with classes of any list; photos/a.jpg is also in the folder
     (tmp_path / "list.csv").write_text("other/d.png,1,1,5,5,zebra\nphotos/a.jpg,,,,,\nother/d.png,2,2,6,6,yak\n")
     inputs = [str(tmp_path / "photos"), str(tmp_path / "list.csv"), str(tmp_path / "e.bmp"), str(tmp_path / "gone.png")]
-    assert collect_images(inputs) == [str(tmp_path / name) for name in
+    assert predict.collect_images(inputs) == [str(tmp_path / name) for name in
                                       ("photos/a.jpg", "photos/b.png", "photos/trip/c.png", "other/d.png", "e.bmp",
                                        "gone.png")]  # a missing image is found missing when it is read
     assert find_images(str(tmp_path / "photos")) == [str(tmp_path / "photos" / name) for name in ("a.jpg", "b.png")]
@@ -72,7 +67,7 @@ def test_csv_holds_the_models_detections_in_original_pixels_and_json_the_same(tr
     model, class_names = load_model(trained_shapes_run.checkpoint, "cpu", score_threshold=0.001)
     paths = find_images(images)
     transform = build_transform(False, model.settings.min_size, model.settings.max_size)
-    dataset = ImageFileDataset(paths, [np.zeros((0, 5), np.float32)] * len(paths), class_names, transform)
+    dataset = DetectionDataset(paths, [np.zeros((0, 5), np.float32)] * len(paths), class_names, transform)
     expected = [(path, *box, class_names[label], score) for path, prediction in
                 zip(paths, predict_dataset(model, dataset, batch_size=2))
                 for box, label, score in zip(prediction["boxes"].tolist(), prediction["labels"], prediction["scores"])]
@@ -112,7 +107,7 @@ def test_unreadable_images_are_named_skipped_and_exit_with_status_1(trained_shap
     (tmp_path / "in" / "b.png").write_text("not an image")
     truncated = truncated_png(tmp_path / "in" / "d.png")
     argv = [str(tmp_path / "in"), str(tmp_path / "gone.jpg"), "--output", str(tmp_path / "found.csv"),
-            "--tile", "64", *inference_flags(trained_shapes_run)]
+            "--tile_size", "64", *inference_flags(trained_shapes_run)]
     assert predict.main(argv) == 1
     error = capsys.readouterr().err
     assert "skipped 3 image(s) that could not be read" in error and "Traceback" not in error
@@ -127,13 +122,14 @@ def test_image_sizes_given_for_inference_are_the_models_settings_and_the_dataset
     paths = find_images(os.path.join(trained_shapes_run.data_dir, "images", "val"))
     # as the scripts load a model: the flags typed (not None) replace the checkpoint's settings, the others stay
     model = load_model(trained_shapes_run.checkpoint, "cpu",
-                       **given(min_size=48, max_size=72, score_threshold=None)).model
+                       **typed_settings(dict(min_size=48, max_size=72, score_threshold=None),
+                                                       INFERENCE_SETTINGS)).model
     assert (model.settings.min_size, model.settings.max_size) == (48, 72)
     trained = read_checkpoint(trained_shapes_run.checkpoint)["model_settings"]
     assert (trained["min_size"], trained["max_size"]) == (96, 96)
     assert model.settings.score_threshold == trained["score_threshold"] == 0.05
     transform = build_transform(False, model.settings.min_size, model.settings.max_size)
-    dataset = ImageFileDataset(paths, [np.zeros((0, 5), np.float32)] * len(paths), [], transform)
+    dataset = DetectionDataset(paths, [np.zeros((0, 5), np.float32)] * len(paths), [], transform)
     assert (dataset.transform.resize.min_size, dataset.transform.resize.max_size) == (48, 72)
     item = dataset[0]
     assert item["original_size"] == (160, 160) and item["image"].shape == (3, 48, 48) and item["scale"] == pytest.approx(0.3)
@@ -172,14 +168,14 @@ def test_tiles_find_small_objects_that_the_whole_image_loses(tmp_path, capsys):
     64 x 48, as the model was trained), in 256-pixel tiles (each seen at the scale of training, 1/4), and whole at
     that scale."""
     train_csv, classes = write_training_set(str(tmp_path / "train"), 120, class_names=("shape",))
-    assert train.main(["--dataset", "csv", "--csv_train", train_csv, "--csv_classes", classes, "--depth", "18",
+    assert train.main(["--dataset", "csv", "--csv_train", train_csv, "--classes", classes, "--depth", "18",
                        "--no_pretrained", "--optimizer", "adamw", "--box_coding", "yhenon", "--min_size", "64",
                        "--max_size", "64", "--batch_size", "8", "--iters", "100", "--warmup_iters", "20",
                        "--eval_every", "0", "--workers", "0", "--output_dir", str(tmp_path / "out")]) == 0
     objects = scatter_objects(np.random.default_rng(7), 1800, 2400, 40)
     image = save_scene(str(tmp_path / "large.png"), 1800, 2400, objects, seed=7)
     flags = [image, "--model", str(tmp_path / "out" / "last.pt"), "--workers", "0"]
-    tiled_flags = ["--tile", "256", "--tile_overlap", "0.5"]
+    tiled_flags = ["--tile_size", "256", "--tile_overlap", "0.5"]
     at_tile_scale = ["--min_size", "450", "--max_size", "600"]  # the whole image at 1/4, as the tiles
     assert predict.main([*flags, "--output", str(tmp_path / "tiled.csv"), *tiled_flags]) == 0
     assert predict.main([*flags, "--output", str(tmp_path / "whole.csv")]) == 0

@@ -11,10 +11,9 @@ from conftest import tiny_run_flags
 import csv_eval
 import train
 
-from retinanet.boxes import decode, encode
-from retinanet.engine.checkpoint import checkpoint_settings, read_checkpoint, save_checkpoint
-from retinanet.engine.interop import convert_torchvision
-from retinanet.engine.models import load_model
+from retinanet.anchors import decode, encode
+from retinanet.checkpoint import checkpoint_settings, load_model, read_checkpoint, save_checkpoint
+from retinanet.extras.interop import convert_torchvision
 from retinanet.model import RetinaNet
 from retinanet.settings import ModelSettings
 
@@ -32,15 +31,15 @@ def converted_torchvision(tmp_path_factory) -> str:
 def test_a_model_trains_with_the_box_coding_it_detects_with(converted_torchvision):
     model = load_model(read_checkpoint(converted_torchvision), num_classes=5).model
     assert model.settings.box_coder_std == (1.0, 1.0, 1.0, 1.0) and model.settings.p6_from == "p5"
-    assert model.loss.settings is model.settings  # the loss is the model's own: it cannot disagree
-    # A perfectly learnt offset (the loss's regression target) decodes, at inference, to the box itself.
+    # The model's forward hands its own settings to the loss and to detect: they cannot disagree. A perfectly learnt
+    # offset (the loss's regression target) decodes, at inference, to the box itself.
     anchor, box = torch.tensor([[0.0, 0.0, 32.0, 32.0]]), torch.tensor([[4.0, 2.0, 30.0, 40.0]])
-    target = encode(anchor, box, model.loss.settings.box_coder_std)
+    target = encode(anchor, box, model.settings.box_coder_std)
     torch.testing.assert_close(decode(anchor, target, model.settings.box_coder_std), box)
 
 
 def csv_flags(data: str, output: str) -> list[str]:
-    return ["--dataset", "csv", "--csv_train", os.path.join(data, "train.csv"), "--csv_classes",
+    return ["--dataset", "csv", "--csv_train", os.path.join(data, "train.csv"), "--classes",
             os.path.join(data, "classes.csv"), "--output_dir", output, "--batch_size", "4", "--min_size", "96",
             "--max_size", "96", "--workers", "0", "--eval_every", "0", "--no_pretrained", "--device", "cpu"]
 
@@ -63,7 +62,7 @@ def test_fine_tune_converted_torchvision_weights_then_resume_then_evaluate(conve
     assert resumed["iteration"] == 2 and checkpoint_settings(resumed) == settings
     model, _ = load_model(os.path.join(output, "last.pt"))
     assert not model.backbone.layer1[0].conv1.weight.requires_grad and not model.backbone.bn1.training
-    argv = ["--csv_annotations", os.path.join(data, "val.csv"), "--csv_classes", os.path.join(data, "classes.csv"),
+    argv = ["--csv_val", os.path.join(data, "val.csv"), "--classes", os.path.join(data, "classes.csv"),
             "--model", os.path.join(output, "last.pt"), "--device", "cpu"]
     assert csv_eval.main(argv) == 0
     assert "mAP: " in capsys.readouterr().out

@@ -15,8 +15,8 @@ from PIL import Image
 
 import train
 
-from retinanet.engine.checkpoint import read_checkpoint
-from retinanet.losses import RetinaNetLoss
+from retinanet import model as model_module
+from retinanet.checkpoint import read_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,7 +58,7 @@ def test_sigkill_mid_epoch_leaves_a_complete_checkpoint_and_resume_continues_the
     resumed = run_script(*tiny_run_flags(tmp_path, "--iters", str(killed_at["iteration"] + 2), "--resume",
                                      str(tmp_path / "out" / "last.pt")))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"at iteration {killed_at['iteration']}," in resumed.stdout
+    assert f"resumed from {tmp_path / 'out' / 'last.pt'} at iteration {killed_at['iteration']}:" in resumed.stdout
     assert read_checkpoint(str(tmp_path / "out" / "last.pt"))["iteration"] == killed_at["iteration"] + 2
 
 
@@ -78,18 +78,18 @@ def test_ctrl_c_saves_a_checkpoint_at_the_current_iteration(tmp_path):
 
 
 def nan_on_calls(monkeypatch, calls: set[int]) -> None:
-    """Make RetinaNetLoss return NaN losses on the given (0-based) calls."""
-    original = RetinaNetLoss.forward
+    """Make the model's loss NaN on the given (0-based) calls."""
+    original = model_module.retinanet_loss
     count = [0]
 
-    def forward(self, *args):
-        cls_loss, box_loss = original(self, *args)
+    def loss(*args, **kwargs):
+        cls_loss, box_loss = original(*args, **kwargs)
         count[0] += 1
         if count[0] - 1 in calls:
             return cls_loss * float("nan"), box_loss
         return cls_loss, box_loss
 
-    monkeypatch.setattr(RetinaNetLoss, "forward", forward)
+    monkeypatch.setattr(model_module, "retinanet_loss", loss)
 
 
 def test_nonfinite_loss_stops_the_run_with_iteration_lr_and_hint(tmp_path, monkeypatch):
@@ -107,14 +107,14 @@ def test_skip_nonfinite_skips_and_counts_such_batches(tmp_path, monkeypatch, cap
     checkpoint = read_checkpoint(str(tmp_path / "out" / "last.pt"))
     assert checkpoint["iteration"] == 4 and checkpoint["skipped_batches"] == 2
     output = capsys.readouterr().out
-    assert "2 skipped so far" in output and "2 batches skipped so far (non-finite loss)" in output
+    assert "1 skipped so far" in output and "2 skipped so far" in output  # each said as it is skipped
 
 
 def test_out_of_memory_names_the_batch_and_what_to_lower(tmp_path, monkeypatch):
-    def out_of_memory(self, *args):
+    def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(RetinaNetLoss, "forward", out_of_memory)
+    monkeypatch.setattr(model_module, "retinanet_loss", out_of_memory)
     with pytest.raises(SystemExit) as exit_info:
         train.main(tiny_run_flags(tmp_path, "--iters", "1"))
     message = str(exit_info.value.code)
@@ -125,8 +125,7 @@ def test_out_of_memory_names_the_batch_and_what_to_lower(tmp_path, monkeypatch):
 def test_resume_from_a_checkpoint_of_another_depth_or_class_count_says_which(tmp_path):
     assert train.main(tiny_run_flags(tmp_path, "--iters", "1")) == 0
     checkpoint = str(tmp_path / "out" / "last.pt")
-    with pytest.raises(ValueError, match=r"holds a ResNet-18 RetinaNet for 5 classes, but this run builds a "
-                                         r"ResNet-34 for 5 classes"):
+    with pytest.raises(ValueError, match=r"last.pt: the run was trained with depth 18 \(asked for: 34\)"):
         train.main(tiny_run_flags(tmp_path, "--iters", "2", "--depth", "34", "--resume", checkpoint))
 
 
@@ -136,7 +135,7 @@ def test_resume_from_a_checkpoint_of_another_depth_or_class_count_says_which(tmp
 def write_csv_data(tmp_path, rows: list[str]) -> list[str]:
     (tmp_path / "classes.csv").write_text("cat,0\ndog,1\n")
     (tmp_path / "train.csv").write_text("".join(f"{row}\n" for row in rows))
-    return ["--dataset", "csv", "--csv_train", str(tmp_path / "train.csv"), "--csv_classes",
+    return ["--dataset", "csv", "--csv_train", str(tmp_path / "train.csv"), "--classes",
             str(tmp_path / "classes.csv"), "--no_pretrained", "--depth", "18", "--min_size", "64", "--max_size", "64",
             "--output_dir", str(tmp_path / "out"), "--batch_size", "2"]
 

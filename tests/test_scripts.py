@@ -12,7 +12,7 @@ import coco_eval
 import csv_eval
 import visualize
 
-from retinanet.engine.drawing import CAPTION_HEIGHT
+from retinanet.extras.drawing import CAPTION_HEIGHT
 
 SHAPES_IMAGE_SIZE = 160  # make_shapes_dataset's default, used by train.py
 NUM_VAL_IMAGES = 4
@@ -24,7 +24,7 @@ def inference_flags(run) -> list[str]:
 
 def test_csv_eval_prints_the_map_and_saves_a_curve_per_annotated_class(trained_shapes_run, tmp_path, capsys):
     data = trained_shapes_run.data_dir
-    argv = ["--csv_annotations", os.path.join(data, "val.csv"), "--csv_classes", os.path.join(data, "classes.csv"),
+    argv = ["--csv_val", os.path.join(data, "val.csv"), "--classes", os.path.join(data, "classes.csv"),
             "--pr_curves", str(tmp_path / "curves"), *inference_flags(trained_shapes_run)]
     assert csv_eval.main(argv) == 0
     output = capsys.readouterr().out
@@ -37,7 +37,7 @@ def test_csv_eval_prints_the_map_and_saves_a_curve_per_annotated_class(trained_s
 
 
 def test_coco_eval_writes_the_results_file(trained_shapes_run, tmp_path, capsys):
-    argv = ["--coco_path", trained_shapes_run.data_dir, "--set_name", "val", "--output_dir", str(tmp_path),
+    argv = ["--coco_path", trained_shapes_run.data_dir, "--val_set", "val", "--output_dir", str(tmp_path),
             *inference_flags(trained_shapes_run)]
     assert coco_eval.main(argv) == 0
     assert "AP@[.5:.95]" in capsys.readouterr().out
@@ -51,7 +51,7 @@ def test_coco_eval_writes_the_results_file(trained_shapes_run, tmp_path, capsys)
 
 def test_visualize_draws_a_folder_of_images_at_their_size(trained_shapes_run, tmp_path, capsys):
     images = os.path.join(trained_shapes_run.data_dir, "images", "val")
-    argv = ["--images", images, "--output", str(tmp_path / "drawn"), "--score_threshold", "0.05",
+    argv = ["--images", images, "--output_dir", str(tmp_path / "drawn"), "--draw_threshold", "0.05",
             *inference_flags(trained_shapes_run)]
     assert visualize.main(argv) == 0
     assert str(tmp_path / "drawn") in capsys.readouterr().out.splitlines()[-1]  # ends by saying where
@@ -64,12 +64,12 @@ def test_visualize_draws_a_folder_of_images_at_their_size(trained_shapes_run, tm
 def test_visualize_shows_ground_truth_next_to_predictions(trained_shapes_run, tmp_path):
     data = trained_shapes_run.data_dir
     datasets = {
-        "csv": ["--csv_annotations", os.path.join(data, "val.csv"), "--csv_classes", os.path.join(data, "classes.csv")],
-        "coco": ["--coco_path", data, "--set_name", "val"],
+        "csv": ["--csv_val", os.path.join(data, "val.csv"), "--classes", os.path.join(data, "classes.csv")],
+        "coco": ["--coco_path", data, "--val_set", "val"],
     }
     for name, flags in datasets.items():
         output = tmp_path / name
-        argv = ["--dataset", name, *flags, "--limit", "3", "--output", str(output),
+        argv = ["--dataset", name, *flags, "--limit", "3", "--output_dir", str(output),
                 *inference_flags(trained_shapes_run)]
         assert visualize.main(argv) == 0
         assert sorted(os.listdir(output)) == ["00000.png", "00001.png", "00002.png"]
@@ -82,8 +82,8 @@ def test_visualize_refuses_a_class_list_other_than_the_models(trained_shapes_run
     (tmp_path / "classes.csv").write_text("circle,0\nrectangle,1\n")
     image = os.path.join(trained_shapes_run.data_dir, "images", "val", "00000.png")
     (tmp_path / "val.csv").write_text(f"{image},,,,,\n")  # one image without boxes
-    argv = ["--dataset", "csv", "--csv_annotations", str(tmp_path / "val.csv"), "--csv_classes",
-            str(tmp_path / "classes.csv"), "--output", str(tmp_path / "drawn"), *inference_flags(trained_shapes_run)]
+    argv = ["--dataset", "csv", "--csv_val", str(tmp_path / "val.csv"), "--classes",
+            str(tmp_path / "classes.csv"), "--output_dir", str(tmp_path / "drawn"), *inference_flags(trained_shapes_run)]
     assert visualize.main(argv) == 2
     error = capsys.readouterr().err
     assert "5 classes but the dataset has 2" in error and "Traceback" not in error

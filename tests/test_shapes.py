@@ -4,9 +4,9 @@ import numpy as np
 import torch
 
 from retinanet.data import shapes
-from retinanet.data.datasets import CocoDataset, CSVDataset
-from retinanet.data.images import read_rgb_image
+from retinanet.data.coco import CocoDataset
 from retinanet.data.shapes import make_shapes_dataset
+from retinanet.dataloader import CSVDataset, read_rgb_image
 
 
 def test_shapes_dataset_is_deterministic_and_reads_the_same_through_csv_and_coco(tmp_path):
@@ -24,14 +24,14 @@ def test_shapes_dataset_is_deterministic_and_reads_the_same_through_csv_and_coco
     assert csv_dataset.class_names == coco_dataset.class_names == ["circle", "rectangle", "triangle", "ellipse", "star"]
     assert len(csv_dataset) == len(coco_dataset) == 4
     for i in range(4):
-        assert csv_dataset.image_path(i) == coco_dataset.image_path(i)
+        assert csv_dataset.image_paths[i] == coco_dataset.image_paths[i]
         boxes = csv_dataset.load_annotations(i)
         np.testing.assert_array_equal(boxes, coco_dataset.load_annotations(i))
         assert 1 <= len(boxes) <= 4
         assert (boxes[:, :4] >= 0).all() and (boxes[:, :4] <= 96).all() and set(boxes[:, 4]) <= set(range(5))
         assert (boxes[:, 2] - boxes[:, 0] >= 5).all() and (boxes[:, 3] - boxes[:, 1] >= 5).all()
-        torch.testing.assert_close(read_rgb_image(csv_dataset.image_path(i)), read_rgb_image(other.image_path(i)))
-    assert not torch.equal(read_rgb_image(csv_dataset.image_path(0)), read_rgb_image(other_seed["coco_root"] +
+        torch.testing.assert_close(read_rgb_image(csv_dataset.image_paths[i]), read_rgb_image(other.image_paths[i]))
+    assert not torch.equal(read_rgb_image(csv_dataset.image_paths[0]), read_rgb_image(other_seed["coco_root"] +
                                                                                     "/images/train/00000.png"))
 
 

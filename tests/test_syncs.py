@@ -9,9 +9,8 @@ from tools.benchmark import HostWaits
 
 from retinanet import inference
 from retinanet.model import RetinaNet
-from retinanet.optimization import build_optimizer
 from retinanet.settings import ModelSettings
-from retinanet.training import TrainStep
+from retinanet.training import TrainStep, build_optimizer
 
 
 def batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,9 +14,9 @@ from test_interop import load_tool
 import csv_eval
 
 from retinanet.data import tiles
-from retinanet.data.datasets import CSVDataset
-from retinanet.engine.evaluation import evaluate
-from retinanet.engine.tiling import ImageWindows, predict_windows
+from retinanet.dataloader import CSVDataset
+from retinanet.evaluation import evaluate
+from retinanet.extras.tiling import ImageWindows, predict_windows
 
 
 # ------------------------------------------------------------------------------------------------ windows
@@ -106,7 +106,7 @@ def read_rows(path) -> dict[str, list[tuple]]:
 
 def test_a_large_image_is_cut_into_tiles_whose_boxes_match_a_hand_count(annotated, tmp_path, capsys):
     annotations, classes = annotated
-    flags = ["--csv_annotations", annotations, "--csv_classes", classes, "--tile_size", str(TILE),
+    flags = ["--csv_train", annotations, "--classes", classes, "--tile_size", str(TILE),
              "--output_dir", str(tmp_path / "tiles")]
     assert load_tool("make_tiles").main(flags) == 0
     assert read_rows(tmp_path / "tiles" / "train.csv") == EXPECTED_ROWS
@@ -123,7 +123,7 @@ def test_a_large_image_is_cut_into_tiles_whose_boxes_match_a_hand_count(annotate
 
 def test_skip_empty_and_a_lower_min_visible_change_the_tiles_as_stated(annotated, tmp_path):
     annotations, classes = annotated
-    flags = ["--csv_annotations", annotations, "--csv_classes", classes, "--tile_size", str(TILE),
+    flags = ["--csv_train", annotations, "--classes", classes, "--tile_size", str(TILE),
              "--output_dir", str(tmp_path / "tiles"), "--skip_empty", "--min_visible", "0.25"]
     assert load_tool("make_tiles").main(flags) == 0
     rows = read_rows(tmp_path / "tiles" / "train.csv")
@@ -140,7 +140,7 @@ def test_voc_annotations_give_the_same_tiles(tmp_path):
         for x1, y1, x2, y2, label in OBJECTS)
     write(tmp_path / "voc" / "large.xml", f"<annotation>\n<filename>large.png</filename>\n{objects}</annotation>\n")
     write(tmp_path / "classes.csv", "disc,0\nsquare,1\n")
-    flags = ["--voc_path", str(tmp_path / "voc"), "--csv_classes", str(tmp_path / "classes.csv"),
+    flags = ["--voc_path", str(tmp_path / "voc"), "--classes", str(tmp_path / "classes.csv"),
              "--tile_size", str(TILE), "--output_dir", str(tmp_path / "tiles")]
     assert load_tool("make_tiles").main(flags) == 0
     expected = {name: rows for name, rows in EXPECTED_ROWS.items() if name.startswith("large")}
@@ -150,7 +150,7 @@ def test_voc_annotations_give_the_same_tiles(tmp_path):
 def test_images_past_the_pixel_limit_are_cut_only_when_asked(annotated, tmp_path, monkeypatch, capsys):
     annotations, classes = annotated
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # the 700,000 pixels of the large image are too many
-    flags = ["--csv_annotations", annotations, "--csv_classes", classes, "--tile_size", str(TILE),
+    flags = ["--csv_train", annotations, "--classes", classes, "--tile_size", str(TILE),
              "--output_dir", str(tmp_path / "tiles")]
     assert load_tool("make_tiles").main(flags) == 2
     assert "decompression bomb" in capsys.readouterr().err
@@ -187,8 +187,8 @@ def test_csv_eval_takes_tile_flags(trained_shapes_run, annotated, tmp_path, caps
         f"{name},{index}\n" for index, name in enumerate(("circle", "rectangle", "triangle", "ellipse", "star"))))
     rows = "".join(f"large.png,{x1},{y1},{x2},{y2},circle\n" for x1, y1, x2, y2, _ in OBJECTS) + "small.png,,,,,\n"
     shapes_annotations = write(tmp_path / "shapes_large.csv", rows)
-    flags = ["--csv_annotations", str(shapes_annotations), "--csv_classes", str(classes), "--model",
-             trained_shapes_run.checkpoint, "--tile", "300", "--tile_overlap", "0.3", "--device", "cpu"]
+    flags = ["--csv_val", str(shapes_annotations), "--classes", str(classes), "--model",
+             trained_shapes_run.checkpoint, "--tile_size", "300", "--tile_overlap", "0.3", "--device", "cpu"]
     assert csv_eval.main(flags) == 0
     out = capsys.readouterr().out
     assert "those larger than 300 x 300 pixels cut into tiles" in out and "mAP:" in out

@@ -13,9 +13,9 @@ from small_objects import CLASS_NAMES, BrightBlobDetector, save_scene, scatter_o
 from torchvision.ops import box_iou
 
 from retinanet.data import tiles
-from retinanet.engine import tiling
-from retinanet.engine.batch_inference import predict_dataset
-from retinanet.transforms import resize_image
+from retinanet.dataloader import resize_image
+from retinanet.evaluation import predict_dataset
+from retinanet.extras import tiling
 
 LARGE_HEIGHT, LARGE_WIDTH = 1800, 2400
 TILE, OVERLAP = 256, 0.5  # tiles of 256 pixels seen by a model of min_size 64 at scale 1/4; 128-pixel overlaps
@@ -80,7 +80,7 @@ def test_windows_are_tiles_of_large_images_and_whole_small_ones_at_the_models_sc
         (0, 72, 128, 200), (86, 72, 214, 200), (172, 72, 300, 200),
     ]
     item = dataset[4]
-    assert item["scale"] == 0.5 and item["original_size"] == (128, 128) and dataset.aspect_ratio(4) == 1.0
+    assert item["scale"] == 0.5 and item["original_size"] == (128, 128) and dataset.image_sizes[4] == (128, 128)
     assert torch.equal(item["image"], resize_image(large[:, 72:200, 86:214], 0.5))  # (3, 64, 64)
     # The small image is one window, resized as without tiling: its longer side 100 to max_size 64
     assert dataset.windows[6] == tiling.Window(1, (0, 0, 100, 50), 0.64)

@@ -8,68 +8,71 @@ from conftest import tiny_run_flags
 
 import train
 
+from retinanet.checkpoint import build_model, load_model, read_checkpoint, save_checkpoint
 from retinanet.data.shapes import make_shapes_dataset
-from retinanet.engine.checkpoint import read_checkpoint, save_checkpoint
-from retinanet.engine.models import load_model
-from retinanet.engine.runtime import resolve_device
 from retinanet.model import RetinaNet
-from retinanet.optimization import ADAMW_LR, build_optimizer, lr_factor
-from retinanet.settings import ModelSettings
+from retinanet.settings import ModelSettings, resolve_device
+from retinanet.training import ADAMW_LR, Schedule, build_optimizer, plan_schedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_lr_schedule_warmup_steps_and_cosine():
-    steps = dict(warmup_iters=10, milestones=[60, 80])
-    assert lr_factor(0, 90, **steps) == pytest.approx(0.1)  # (0 + 1) / 10
-    assert lr_factor(9, 90, **steps) == pytest.approx(1.0)
-    assert lr_factor(59, 90, **steps) == pytest.approx(1.0)
-    assert lr_factor(60, 90, **steps) == pytest.approx(0.1)
-    assert lr_factor(80, 90, **steps) == pytest.approx(0.01)
-    assert lr_factor(45, 90, warmup_iters=0, schedule="cosine") == pytest.approx(0.5)
+    steps = Schedule(total_iters=90, iters_per_epoch=10, warmup_iters=10, milestones=(60, 80))
+    assert steps.lr_factor(0) == pytest.approx(0.1)  # (0 + 1) / 10
+    assert steps.lr_factor(9) == pytest.approx(1.0)
+    assert steps.lr_factor(59) == pytest.approx(1.0)
+    assert steps.lr_factor(60) == pytest.approx(0.1)
+    assert steps.lr_factor(80) == pytest.approx(0.01)
+    assert Schedule(90, 10, 0, (), lr_schedule="cosine").lr_factor(45) == pytest.approx(0.5)
 
 
 def test_default_milestones_are_the_papers_60k_and_80k_of_90k():
-    assert lr_factor(59_999, 90_000) == 1.0
-    assert lr_factor(60_000, 90_000) == pytest.approx(0.1)
-    assert lr_factor(80_000, 90_000) == pytest.approx(0.01)
+    schedule = plan_schedule(7330, epochs=None, iters=90_000, warmup_iters=0, shorten_warmup=False, milestones=None)
+    assert schedule.milestones == (60_000, 80_000)
+    assert schedule.lr_factor(59_999) == 1.0
+    assert schedule.lr_factor(60_000) == pytest.approx(0.1)
+    assert schedule.lr_factor(80_000) == pytest.approx(0.01)
 
 
 def test_dataset_defaults_and_linear_lr_scaling():
     args = train.parse_args(["--dataset", "coco", "--coco_path", "x", "--batch_size", "8"])
-    config = train.settle(args, world_size=4)
-    assert (config.depth, config.optimizer, config.iters) == (50, "sgd", 90_000)
-    settings = train.model_settings(args, config, checkpoint=None, num_classes=80)
+    run, source = train.decide(args, checkpoint=None, world_size=4)
+    assert (run.settings["depth"], run.optimizer, run.iters) == (50, "sgd", 90_000)
+    settings = ModelSettings(**run.settings, num_classes=80)
     assert (settings.depth, settings.min_size, settings.max_size) == (50, 800, 1333)  # the paper's image size
-    assert config.lr == pytest.approx(0.02)  # 0.01 x (8 x 4) / 16
-    assert args.lr is None and args.depth is None  # the flags as typed: settling writes nothing back
-    demo = train.settle(train.parse_args([]), world_size=1)
-    assert (demo.dataset, demo.depth, demo.optimizer, demo.pretrained) == ("shapes", 18, "adamw", False)
+    assert run.lr == pytest.approx(0.02)  # 0.01 x (8 x 4) / 16
+    assert (source["lr"], source["depth"], source["batch_size"]) == ("sgd's for 32 images", "coco default", "typed")
+    assert args.lr is None and args.depth is None  # the flags as typed: deciding writes nothing back
+    demo, _ = train.decide(train.parse_args([]), None, world_size=1)
+    assert (demo.dataset, demo.settings["depth"], demo.optimizer, demo.pretrained) == ("shapes", 18, "adamw", False)
 
 
 def test_a_typed_epochs_wins_over_the_datasets_default_iterations():
-    config = train.settle(train.parse_args(["--dataset", "coco", "--coco_path", "x", "--epochs", "1"]), 1)
-    assert (config.epochs, config.iters) == (1, None)
-    config = train.settle(train.parse_args(["--dataset", "coco", "--coco_path", "x", "--epochs", "1", "--iters", "7"]), 1)
-    assert config.iters == 7  # both typed: --iters wins, as --help says
-    assert train.settle(train.parse_args(["--dataset", "coco", "--coco_path", "x"]), 1).iters == 90_000
+    run, _ = train.decide(train.parse_args(["--dataset", "coco", "--coco_path", "x", "--epochs", "1"]), None, 1)
+    assert (run.epochs, run.iters) == (1, None)
+    run, _ = train.decide(train.parse_args(["--dataset", "coco", "--coco_path", "x", "--epochs", "1", "--iters", "7"]),
+                          None, 1)
+    assert run.iters == 7  # both typed: --iters wins, as --help says
+    assert train.decide(train.parse_args(["--dataset", "coco", "--coco_path", "x"]), None, 1)[0].iters == 90_000
 
 
-
-def schedule_of(argv: list[str], iters_per_epoch: int) -> train.Schedule:
-    return train.plan_schedule(train.settle(train.parse_args(argv), world_size=1), iters_per_epoch)
+def schedule_of(argv: list[str], iters_per_epoch: int) -> Schedule:
+    run, _ = train.decide(train.parse_args(argv), None, world_size=1)
+    return plan_schedule(iters_per_epoch, run.epochs, run.iters, run.warmup_iters, run.shorten_warmup, run.milestones,
+                         run.lr_schedule, run.lr_step_factor, run.eval_every)
 
 
 def test_a_default_warmup_takes_at_most_a_tenth_of_the_run_and_a_typed_one_is_kept():
-    csv = ["--dataset", "csv", "--csv_train", "x", "--csv_classes", "y"]
+    csv = ["--dataset", "csv", "--csv_train", "x", "--classes", "y"]
     # 36 images in batches of 4, 400 iterations: 40 of warmup, not the recipe's 500; 45 epochs, reported every 2
     short = schedule_of([*csv, "--iters", "400"], iters_per_epoch=9)
     assert (short.warmup_iters, short.milestones, short.epochs, short.eval_every, short.save_every) == (
-        40, [266, 355], 45, 2, 2)
+        40, (266, 355), 45, 2, 2)
     assert schedule_of([*csv, "--iters", "400", "--warmup_iters", "500"], 9).warmup_iters == 500
     assert schedule_of([*csv, "--iters", "400", "--eval_every", "5"], 9).eval_every == 5
     coco = schedule_of(["--dataset", "coco", "--coco_path", "x"], iters_per_epoch=7330)
-    assert (coco.total_iters, coco.warmup_iters, coco.milestones, coco.eval_every) == (90_000, 500, [60_000, 80_000], 1)
+    assert (coco.total_iters, coco.warmup_iters, coco.milestones, coco.eval_every) == (90_000, 500, (60_000, 80_000), 1)
     assert schedule_of([], iters_per_epoch=188).warmup_iters == 112  # the demo: 6 epochs of 188
 
 
@@ -99,13 +102,13 @@ def test_focal_gamma_and_alpha_train_resume_and_load_with_the_checkpoint(tmp_pat
     # Table 1a's α-balanced cross entropy: γ = 0, α = 0.75
     assert train.main(tiny_run_flags(tmp_path, "--iters", "1", "--focal_gamma", "0", "--focal_alpha", "0.75")) == 0
     last = str(tmp_path / "out" / "last.pt")
-    assert read_checkpoint(last)["model_settings"]["gamma"] == 0.0
+    assert read_checkpoint(last)["model_settings"]["focal_gamma"] == 0.0
     assert train.main(tiny_run_flags(tmp_path, "--iters", "2", "--resume", last)) == 0
-    with pytest.raises(ValueError, match=r"gamma 0.0 \(asked for: 2.0\)"):
+    with pytest.raises(ValueError, match=r"focal_gamma 0.0 \(asked for: 2.0\)"):
         train.main(tiny_run_flags(tmp_path, "--iters", "3", "--resume", last, "--focal_gamma", "2"))
     loaded = load_model(last).model
-    assert (loaded.settings.gamma, loaded.settings.alpha) == (0.0, 0.75) and loaded.loss.settings.gamma == 0.0
-    with pytest.raises(ValueError, match="gamma must be >= 0"):
+    assert (loaded.settings.focal_gamma, loaded.settings.focal_alpha) == (0.0, 0.75)
+    with pytest.raises(ValueError, match="focal_gamma must be >= 0"):
         train.main(tiny_run_flags(tmp_path, "--iters", "1", "--focal_gamma", "-1"))
 
 def test_no_weight_decay_on_biases_and_batchnorm():
@@ -153,7 +156,7 @@ def test_fine_tune_to_a_different_class_count(tmp_path):
     lines = (tmp_path / "shapes" / "train.csv").read_text().splitlines()
     kept = [line for line in lines if line.endswith((",circle", ",rectangle")) or line.endswith(",,,,,")]
     annotations.write_text("\n".join(line.replace("images/", str(tmp_path / "shapes" / "images") + "/", 1) for line in kept) + "\n")
-    flags = ["--dataset", "csv", "--csv_train", str(annotations), "--csv_classes", str(classes),
+    flags = ["--dataset", "csv", "--csv_train", str(annotations), "--classes", str(classes),
              "--fine_tune", str(tmp_path / "out" / "last.pt"), "--iters", "1", "--depth", "18", "--no_pretrained",
              "--output_dir", str(tmp_path / "tuned"), "--batch_size", "4", "--min_size", "96", "--max_size", "96",
              "--workers", "0", "--eval_every", "0"]
@@ -171,7 +174,7 @@ def test_bad_csv_ends_with_a_message_and_status_2(tmp_path):
     annotations = tmp_path / "train.csv"
     annotations.write_text("img.png,1,2,oops,4,cat\n")
     result = subprocess.run(
-        [sys.executable, "train.py", "--dataset", "csv", "--csv_train", str(annotations), "--csv_classes",
+        [sys.executable, "train.py", "--dataset", "csv", "--csv_train", str(annotations), "--classes",
          str(classes), "--no_pretrained"], cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2
@@ -209,22 +212,23 @@ def test_the_demo_learns(tmp_path):
 def model_for_flags(argv: list[str], num_classes: int):
     """train.py's model for these flags, as its main builds it."""
     args = train.parse_args(argv)
-    config = train.settle(args, world_size=1)
     checkpoint = read_checkpoint(args.resume or args.fine_tune) if args.resume or args.fine_tune else None
-    settings = train.model_settings(args, config, checkpoint, num_classes)
-    return train.model_to_train(args, config, checkpoint, settings)
+    run, _ = train.decide(args, checkpoint, world_size=1)
+    if args.fine_tune:
+        return load_model(checkpoint, num_classes=num_classes, **run.settings).model
+    return build_model(ModelSettings(**run.settings, num_classes=num_classes), False if args.resume else run.pretrained)
 
 
 def test_resume_rebuilds_a_pretrained_run_frozen_as_it_was_without_fetching_imagenet_weights(monkeypatch, tmp_path):
     def no_download(*args):
         raise AssertionError("resuming must not fetch ImageNet weights: the checkpoint replaces them")
 
-    monkeypatch.setattr("retinanet.engine.models.imagenet_state_dict", no_download)
+    monkeypatch.setattr("retinanet.checkpoint.imagenet_state_dict", no_download)
     # as a run from ImageNet weights
     pretrained_run = RetinaNet(ModelSettings(num_classes=3, depth=18, freeze_bn=True, freeze_at=2))
     save_checkpoint({"model": pretrained_run.state_dict(), "model_settings": pretrained_run.settings.as_dict()},
                     str(tmp_path / "last.pt"))
-    model = model_for_flags(["--dataset", "csv", "--csv_train", "t.csv", "--csv_classes", "c.csv", "--depth", "18",
+    model = model_for_flags(["--dataset", "csv", "--csv_train", "t.csv", "--classes", "c.csv", "--depth", "18",
                          "--resume", str(tmp_path / "last.pt")], num_classes=3)  # the CSV default: pretrained
     assert model.settings.freeze_bn  # as the pretrained run it resumes
     assert not model.backbone.layer1[0].conv1.weight.requires_grad and model.backbone.layer2[0].conv1.weight.requires_grad
@@ -233,7 +237,7 @@ def test_resume_rebuilds_a_pretrained_run_frozen_as_it_was_without_fetching_imag
 def test_fine_tuning_freezes_batchnorm_and_the_first_stage_as_for_pretrained_weights(tmp_path):
     path = tmp_path / "source.pt"
     torch.save(RetinaNet(ModelSettings(num_classes=5, depth=18)).state_dict(), path)
-    flags = ["--dataset", "csv", "--csv_train", "t.csv", "--csv_classes", "c.csv", "--fine_tune", str(path)]
+    flags = ["--dataset", "csv", "--csv_train", "t.csv", "--classes", "c.csv", "--fine_tune", str(path)]
     model = model_for_flags(flags, num_classes=2)
     assert model.num_classes == 2 and model.settings.freeze_bn
     assert not model.backbone.conv1.weight.requires_grad and not model.backbone.layer1[1].conv2.weight.requires_grad

@@ -2,9 +2,9 @@ import pytest
 import torch
 from conftest import CLASSES, save_image, write
 
-from retinanet.data.datasets import CSVDataset
-from retinanet.model import IMAGENET_MEAN, IMAGENET_STD, normalize
-from retinanet.transforms import MEAN_COLOUR, RandomHorizontalFlip, Resize, build_transform
+from retinanet.dataloader import MEAN_COLOUR, CSVDataset, RandomHorizontalFlip, Resize, build_transform
+from retinanet.model import normalize
+from retinanet.settings import IMAGENET_MEAN, IMAGENET_STD
 
 
 def test_resize_scales_shorter_side_and_boxes_by_the_reported_factor():

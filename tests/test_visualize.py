@@ -13,12 +13,10 @@ from torch import nn
 import visualize
 
 from retinanet.data.augmentations import Augmentation
-from retinanet.data.datasets import CSVDataset, ImageFileDataset, VOCDataset
-from retinanet.data.images import read_rgb_image
-from retinanet.dataloader import AspectRatioBatchSampler
-from retinanet.engine import drawing
+from retinanet.data.voc import VOCDataset
+from retinanet.dataloader import CSVDataset, DetectionDataset, TrainingSampler, build_transform, read_rgb_image
+from retinanet.extras import drawing
 from retinanet.settings import ModelSettings
-from retinanet.transforms import build_transform
 
 CLASS_NAMES = ["cat", "dog", "cow"]
 GRAY = 100  # the value of every pixel of the synthetic images
@@ -163,7 +161,7 @@ def test_drawings_never_overwrite_the_input_images(tmp_path):
     image_paths = [save_gray(tmp_path / "a.png", 32, 32)]
     with pytest.raises(ValueError, match="overwrite the input"):
         drawing.visualize_images(FixedDetector().eval(), CLASS_NAMES, image_paths, str(tmp_path))
-    dataset = ImageFileDataset(image_paths, [np.zeros((0, 5), np.float32)], CLASS_NAMES)
+    dataset = DetectionDataset(image_paths, [np.zeros((0, 5), np.float32)], CLASS_NAMES)
     with pytest.raises(ValueError, match="overwrite the input"):
         drawing.visualize_dataset(FixedDetector().eval(), dataset, str(tmp_path))
 
@@ -185,8 +183,8 @@ def test_missing_or_empty_folder_exits_with_status_2_and_no_traceback(trained_sh
 
 @pytest.mark.parametrize("argv", [
     ["--model", "x.pt"],  # nothing to draw on
-    ["--model", "x.pt", "--images", "in", "--dataset", "csv", "--csv_annotations", "a", "--csv_classes", "b"],
-    ["--model", "x.pt", "--dataset", "csv", "--csv_annotations", "val.csv"],
+    ["--model", "x.pt", "--images", "in", "--dataset", "csv", "--csv_val", "a", "--classes", "b"],
+    ["--model", "x.pt", "--dataset", "csv", "--csv_val", "val.csv"],
     ["--model", "x.pt", "--dataset", "coco"],
     ["--augmented", "4", "--dataset", "voc"],  # no --voc_path
     ["--augmented", "4", "--model", "x.pt", "--images", "in"],  # training samples are drawn without a model
@@ -200,10 +198,10 @@ def test_incomplete_or_contradictory_flags_are_refused(argv):
 
 def test_bad_threshold_and_limit_are_value_errors(tmp_path):
     image_paths = [save_gray(tmp_path / "a.png", 32, 32)]
-    dataset = ImageFileDataset(image_paths, [np.zeros((0, 5), np.float32)], CLASS_NAMES)
-    with pytest.raises(ValueError, match="score_threshold"):
+    dataset = DetectionDataset(image_paths, [np.zeros((0, 5), np.float32)], CLASS_NAMES)
+    with pytest.raises(ValueError, match="draw_threshold"):
         drawing.visualize_dataset(FixedDetector().eval(), dataset, str(tmp_path / "out"), 1.5)
-    with pytest.raises(ValueError, match="score_threshold"):
+    with pytest.raises(ValueError, match="draw_threshold"):
         drawing.visualize_images(FixedDetector().eval(), CLASS_NAMES, image_paths, str(tmp_path / "out"), 1.5)
     with pytest.raises(ValueError, match="limit"):
         drawing.visualize_dataset(FixedDetector().eval(), dataset, str(tmp_path / "out"), limit=0)
@@ -219,13 +217,13 @@ def test_augmented_draws_the_first_training_samples_as_the_loop_receives_them(tm
     (tmp_path / "voc" / "b.xml").write_text(voc_xml("b.png", [("dog", (6, 6, 30, 20), 1, 0)], 36, 30))
     (tmp_path / "voc" / "c.xml").write_text(voc_xml("c.png", [], 30, 44))
     argv = ["--dataset", "voc", "--voc_path", str(tmp_path / "voc"), "--augmented", "2", "--augment", "rot90",
-            "vflip", "--min_size", "30", "--max_size", "60", "--batch_size", "2", "--seed", "4", "--output",
+            "vflip", "--min_size", "30", "--max_size", "60", "--batch_size", "2", "--seed", "4", "--output_dir",
             str(tmp_path / "drawn")]
     assert visualize.main(argv) == 0
     assert "saved 2 images" in capsys.readouterr().out
     transform = build_transform(True, 30, 60, augmentation=Augmentation(["rot90", "vflip"]))
     dataset = VOCDataset([str(tmp_path / "voc")], "trainval", transform=transform)
-    sampler = AspectRatioBatchSampler([dataset.aspect_ratio(i) for i in range(3)], 2, seed=4, seed_items=True)
+    sampler = TrainingSampler(dataset.image_sizes, 2, seed=4)
     first_batch = next(iter(sampler))
     assert sorted(index for index, _ in first_batch) == [0, 1]
     assert sorted(path.name for path in (tmp_path / "drawn").iterdir()) == ["a.png", "b.png"]

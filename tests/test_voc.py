@@ -12,12 +12,11 @@ import csv_eval
 import train
 import visualize
 
+from retinanet import evaluation
+from retinanet.checkpoint import read_checkpoint, save_checkpoint
 from retinanet.data import voc
-from retinanet.data.datasets import VOCDataset
-from retinanet.data.voc import VOC_CLASSES, VOCSet, read_voc_set, run_class_names, training_sets
+from retinanet.data.voc import VOC_CLASSES, VOCDataset, VOCSet, read_voc_set, run_class_names, training_sets
 from retinanet.diagnostics.check import check_data, check_voc
-from retinanet.engine import evaluation
-from retinanet.engine.checkpoint import read_checkpoint, save_checkpoint
 from retinanet.model import RetinaNet
 from retinanet.settings import ModelSettings
 
@@ -103,7 +102,7 @@ def test_a_labelimg_folder_is_one_set_of_xml_files_next_to_their_images(tmp_path
     (tmp_path / "b.xml").write_text(voc_xml(None, [], 20, 50))  # no <filename>: the image named like the file
     dataset = VOCDataset([str(tmp_path)], "whatever")
     assert dataset.image_paths == [str(tmp_path / "photo one.png"), str(tmp_path / "b.jpg")]
-    assert dataset.class_names == list(VOC_CLASSES) and dataset.aspect_ratio(1) == 20 / 50
+    assert dataset.class_names == list(VOC_CLASSES) and dataset.image_sizes[1] == (50, 20)
 
 
 def test_training_reads_07_and_12_trainval_and_validates_on_07_test(voc2007, tmp_path):
@@ -123,19 +122,20 @@ def test_a_run_reads_each_xml_file_once_and_check_data_once_more(voc2007, monkey
         return parse_xml(path)
 
     monkeypatch.setattr(voc, "parse_xml", counted_parse_xml)
-    config = train.settle(train.parse_args(["--dataset", "voc", "--voc_path", str(voc2007)]), world_size=1)
-    train_set, val_set = train.build_datasets(config, rank=0, world_size=1)
+    run, _ = train.decide(train.parse_args(["--dataset", "voc", "--voc_path", str(voc2007)]), None, world_size=1)
+    train_set, val_set = train.build_datasets(run)
     assert len(train_set) + len(val_set) == len(parsed) == 6 and train_set.class_names == ["cell", "nucleus"]
     parsed.clear()
-    assert check_data(voc=train.voc_sets(config), workers=1) and len(parsed) == 6  # classes and check: one read
+    voc_sets = training_sets(run.voc_path, run.train_set, run.val_set, run.voc_val)
+    assert check_data(voc=voc_sets, workers=1) and len(parsed) == 6  # classes and check: one read
 
 
 def test_set_names_default_per_dataset_and_voc_needs_its_path(capsys):
     args = train.parse_args(["--dataset", "voc", "--voc_path", "VOC2007", "VOC2012"])
-    config = train.settle(args, world_size=1)
-    assert (config.train_set, config.val_set, config.epochs, config.depth) == ("trainval", "test", 18, 50)
+    run, _ = train.decide(args, None, world_size=1)
+    assert (run.train_set, run.val_set, run.epochs, run.settings["depth"]) == ("trainval", "test", 18, 50)
     assert args.train_set is None and args.val_set is None  # the flags as typed
-    coco = train.settle(train.parse_args(["--dataset", "coco", "--coco_path", "x", "--val_set", "minival"]), 1)
+    coco, _ = train.decide(train.parse_args(["--dataset", "coco", "--coco_path", "x", "--val_set", "minival"]), None, 1)
     assert (coco.train_set, coco.val_set) == ("train2017", "minival")
     with pytest.raises(SystemExit):
         train.parse_args(["--dataset", "voc"])
@@ -188,7 +188,7 @@ def test_check_data_lists_malformed_xml_unknown_classes_and_boxes_past_the_image
     (annotations / "000006.xml").write_text(voc_xml("000006.jpg", [("cell", (1, 1, 9, 9), 0, 0),
                                                                    ("virus", (2, 2, 5, 5), 0, 0)]))
     (tmp_path / "classes.csv").write_text("cell,0\nnucleus,1\n")
-    flags = ["--dataset", "voc", "--voc_path", str(voc2007), "--csv_classes", str(tmp_path / "classes.csv")]
+    flags = ["--dataset", "voc", "--voc_path", str(voc2007), "--classes", str(tmp_path / "classes.csv")]
     assert train.main(flags + ["--check_data", "--workers", "1"]) == 1
     output = capsys.readouterr().out
     assert f"error: {annotations / '000002.xml'}, line 3: malformed XML (mismatched tag)" in output
@@ -247,7 +247,7 @@ def test_a_voc_set_with_the_models_classes_reads_the_checkpoint_once(voc2007, tm
     flags = ["--voc_path", str(voc2007), "--model", path, "--device", "cpu", "--min_size", "64", "--max_size", "64"]
     assert csv_eval.main(flags) == 0 and loads == [path]
     loads.clear()
-    flags = ["--dataset", "voc", "--anchors", "--output", str(tmp_path / "anchors"), "--limit", "1"] + flags[:4]
+    flags = ["--dataset", "voc", "--anchors", "--output_dir", str(tmp_path / "anchors"), "--limit", "1"] + flags[:4]
     assert visualize.main(flags) == 0 and loads == [path]
 
 

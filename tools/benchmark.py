@@ -4,7 +4,7 @@ Measurements, one process, one run (each prints one JSON line; a table with the 
 - train:     images/s of a whole training step at --batch_size: target assignment and losses, forward, backward,
              SGD with momentum 0.9. In fp32, in each memory format of --memory_formats. Ours is train.py's own
              step (retinanet.training.TrainStep), with its one read of the losses.
-- train_amp: the same under train.py's mixed precision (retinanet.engine.runtime.mixed_precision_dtype): fp16 with a
+- train_amp: the same under train.py's mixed precision (retinanet.training.mixed_precision_dtype): fp16 with a
              GradScaler on a GPU, bf16 on a CPU with bf16 instructions (AVX512-BF16, AMX); skipped on other CPUs
              (bf16 is emulated there) and with --no_amp.
 - infer_b1:  latency at batch 1, post-processing (top-k, decoding, NMS) included.
@@ -58,15 +58,11 @@ from tqdm import tqdm
 # Run as a script (python tools/benchmark.py), Python puts tools/ on the path, not the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from retinanet.checkpoint import build_model  # noqa: E402
 from retinanet.data.augmentations import AUGMENTATIONS, Augmentation  # noqa: E402
-from retinanet.data.datasets import CSVDataset  # noqa: E402
-from retinanet.dataloader import collate  # noqa: E402
-from retinanet.engine.models import build_model  # noqa: E402
-from retinanet.engine.runtime import mixed_precision_dtype  # noqa: E402
-from retinanet.optimization import build_optimizer  # noqa: E402
+from retinanet.dataloader import CSVDataset, build_transform, collate  # noqa: E402
 from retinanet.settings import ModelSettings  # noqa: E402
-from retinanet.training import TrainStep  # noqa: E402
-from retinanet.transforms import build_transform  # noqa: E402
+from retinanet.training import TrainStep, build_optimizer, mixed_precision_dtype  # noqa: E402
 
 IMPLS = ("ours", "torchvision")
 MODES = ("train", "train_amp", "infer_b1", "infer_b8", "data")

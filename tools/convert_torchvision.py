@@ -3,7 +3,7 @@
     python tools/convert_torchvision.py retinanet_resnet50_fpn_coco-eeacb38b.pth retinanet_coco.pt
 
 The checkpoint loads wherever a trained one does (coco_eval.py, csv_eval.py, train.py --fine_tune) and detects as
-torchvision does: see retinanet/engine/interop.py for the settings it carries and how labels map.
+torchvision does: see retinanet/extras/interop.py for the settings it carries and how labels map.
 """
 
 import argparse
@@ -13,8 +13,8 @@ import sys
 # Run as a script (python tools/convert_torchvision.py), Python puts tools/ on the path, not the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from retinanet.engine.checkpoint import read_checkpoint, save_checkpoint  # noqa: E402
-from retinanet.engine.interop import COCO_V1_BATCHNORM_EPS, convert_torchvision  # noqa: E402
+from retinanet.checkpoint import read_checkpoint, save_checkpoint  # noqa: E402
+from retinanet.extras.interop import COCO_V1_BATCHNORM_EPS, convert_torchvision  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,7 @@
 Each writes a PNG (and table1 a Markdown table) into --output_dir (default figures/) and prints the numbers behind
 it. Figure 4 reads any checkpoint train.py writes, on the demo's validation images by default or on CSV, COCO or VOC
 data. Table 1's rows are ordinary train.py runs on the shapes demo with --focal_gamma and --focal_alpha, the same
-seed, data and iterations for each, scored by COCO's AP and AP50 (retinanet/engine/coco_evaluation.py).
+seed, data and iterations for each, scored by COCO's AP and AP50 (retinanet/data/coco.py).
 """
 
 import argparse
@@ -29,16 +29,14 @@ from torch.utils.data import DataLoader, Subset  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as a script, Python puts tools/ on the path, not the repository root
 
-from retinanet.data.annotations import read_class_list  # noqa: E402
-from retinanet.data.datasets import CocoDataset, CSVDataset, VOCDataset  # noqa: E402
+from retinanet.checkpoint import load_model  # noqa: E402
+from retinanet.data.coco import CocoDataset, evaluate_coco  # noqa: E402
 from retinanet.data.shapes import make_shapes_dataset, make_shapes_demo  # noqa: E402
-from retinanet.dataloader import collate  # noqa: E402
-from retinanet.engine.batch_inference import predict_dataset  # noqa: E402
-from retinanet.engine.coco_evaluation import evaluate_coco  # noqa: E402
-from retinanet.engine.flags import run_script  # noqa: E402
-from retinanet.engine.models import load_model  # noqa: E402
-from retinanet.losses import IGNORED, focal_loss  # noqa: E402
-from retinanet.transforms import build_transform  # noqa: E402
+from retinanet.data.voc import VOCDataset  # noqa: E402
+from retinanet.dataloader import CSVDataset, build_transform, collate, read_class_list  # noqa: E402
+from retinanet.evaluation import predict_dataset  # noqa: E402
+from retinanet.losses import IGNORED, focal_loss, label_anchors  # noqa: E402
+from retinanet.settings import run_script  # noqa: E402
 
 FIGURE1_GAMMAS = (0.0, 0.5, 1.0, 2.0, 5.0)  # Figure 1's curves
 FIGURE4_GAMMAS = (0.0, 0.5, 1.0, 2.0)  # Figure 4's curves
@@ -90,7 +88,7 @@ def labelled_logits(model, dataset, num_images: int, batch_size: int = 4) -> tup
     for batch in DataLoader(subset, batch_size=batch_size, collate_fn=collate):
         images = batch["images"]
         cls_logits, _ = model.network_outputs(images)  # (B, R, K)
-        matches, _, positive = model.loss.targets(model.anchors(images), batch["annotations"], model.num_classes)
+        matches, _, positive = label_anchors(model.anchors(images), batch["annotations"], model.settings)
         counted = (matches != IGNORED)[..., None].expand_as(positive)  # (B, R, K)
         positives.append(cls_logits[positive & counted].float())
         negatives.append(cls_logits[~positive & counted].float())
@@ -135,11 +133,11 @@ def hardest_share(cdf: np.ndarray, fraction: float = 0.2) -> float:
 def evaluation_dataset(args: argparse.Namespace, class_names: list[str], transform):
     """The images Figure 4 is computed on: COCO, VOC or CSV data, by default the demo's validation set."""
     if args.coco_path:
-        return CocoDataset(args.coco_path, args.set_name, transform)
+        return CocoDataset(args.coco_path, args.val_set, transform)
     if args.voc_path:
-        names = read_class_list(args.csv_classes) if args.csv_classes else class_names
-        return VOCDataset(args.voc_path, args.set_name, names, transform)
-    return CSVDataset(args.csv_annotations, args.csv_classes, transform)
+        names = read_class_list(args.classes) if args.classes else class_names
+        return VOCDataset(args.voc_path, args.val_set, names, transform)
+    return CSVDataset(args.csv_val, args.classes, transform)
 
 
 # ------------------------------------------------------------------------------------------------ Table 1
@@ -207,7 +205,7 @@ def run_figure4(args: argparse.Namespace) -> None:
     transform = build_transform(False, model.settings.min_size, model.settings.max_size)
     dataset = evaluation_dataset(args, class_names, transform)
     positives, negatives = labelled_logits(model, dataset, args.images)
-    print(f"{args.model} (trained with γ = {model.settings.gamma:g}) on {min(args.images, len(dataset))} images: "
+    print(f"{args.model} (trained with γ = {model.settings.focal_gamma:g}) on {min(args.images, len(dataset))} images: "
           f"{len(positives):,} positive and {len(negatives):,} negative samples")
     cdfs = figure4_cdfs(positives, negatives)
     plot_figure4(cdfs, os.path.join(args.output_dir, "figure4.png"))
@@ -245,11 +243,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     figure4 = parser.add_argument_group("figure4")
     figure4.add_argument("--model", default="output/best.pt", help="a checkpoint (default: the demo's best model)")
     figure4.add_argument("--images", type=int, default=100, help="how many images to sample the anchors of")
-    figure4.add_argument("--csv_annotations", default="data/shapes/val.csv", help="CSV data (default: the demo's validation set)")
-    figure4.add_argument("--csv_classes", default="data/shapes/classes.csv", help="its class list")
+    figure4.add_argument("--csv_val", default="data/shapes/val.csv", help="CSV data (default: the demo's validation set)")
+    figure4.add_argument("--classes", default="data/shapes/classes.csv", help="its class list")
     figure4.add_argument("--coco_path", help="COCO data instead: annotations/instances_{set}.json and its images")
     figure4.add_argument("--voc_path", nargs="+", metavar="ROOT", help="Pascal VOC data instead")
-    figure4.add_argument("--set_name", default="val2017", help="COCO or VOC set")
+    figure4.add_argument("--val_set", default="val2017", help="COCO or VOC set")
     table1 = parser.add_argument_group("table1")
     table1.add_argument("--quick", action="store_true", help=f"shorter runs: {TABLE1_RUNS['quick']}, not {TABLE1_RUNS['default']}")
     table1.add_argument("--seed", type=int, default=0, help="the seed of every row's data and training")

@@ -4,7 +4,7 @@ little for a user's few hundred, and wrong for aerial or microscopy images, whic
 
 Built on torchvision.transforms.v2, which moves boxes (tv_tensors.BoundingBoxes) with their pixels; the labels and
 difficult flags of the boxes pass through untouched, in box order. The geometric augmentations run before the
-resize of transforms.py (so that the image they make is resized to the model's size), the photometric one on the
+resize of dataloader.py (so that the image they make is resized to the model's size), the photometric one on the
 image before or after the resize, whichever is smaller (its cost is per pixel). A box that leaves the image is then
 clipped to it, and dropped with its label when no area is left, as for boxes of an annotation file
 (dataloader.clip_to_image): the dataset does that after every transform. Random numbers come from torch's global generator, which the
@@ -18,7 +18,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from ..transforms import MEAN_COLOUR
+from ..dataloader import MEAN_COLOUR, DetectionTransform
 
 # SSD's photometric distortions (torchvision's RandomPhotometricDistort), each applied to half of the images, without
 # its random swap of colour channels: a red object stays red.
@@ -76,8 +76,9 @@ def geometric_augmentations(names: Sequence[str], fill: tuple[int, int, int]) ->
 
 class Augmentation:
     """The augmentations named, from AUGMENTATIONS: `move` runs the geometric ones on an image and its target,
-    `recolour` the photometric one on an image (each does nothing if none of its kind is named). `fill` is the
-    colour of zoom_out's canvas: the mean colour, which the model normalises to 0, as padding."""
+    `recolour` the photometric one on an image (each does nothing if none of its kind is named), `around` puts both
+    around the resize and flip of a transform. `fill` is the colour of zoom_out's canvas: the mean colour, which the
+    model normalises to 0, as padding."""
 
     def __init__(self, names: Sequence[str], fill: tuple[int, int, int] = MEAN_COLOUR):
         unknown = sorted(set(names) - set(AUGMENTATIONS))
@@ -99,3 +100,32 @@ class Augmentation:
     def recolour(self, image: torch.Tensor) -> torch.Tensor:
         """(3, H, W) uint8 image -> the same, its colours changed."""
         return image if self.photometric is None else self.photometric(image)
+
+    def around(self, transform: DetectionTransform) -> "AugmentedTransform":
+        """`transform` (resize and flip) with these augmentations around it."""
+        return AugmentedTransform(transform, self)
+
+
+class AugmentedTransform:
+    """A DetectionTransform with augmentations around it: the geometric ones before the resize, so that the image
+    they make is resized to the model's size, the photometric one on the smaller of the image before and after the
+    resize (its cost is per pixel). The same contract as DetectionTransform's."""
+
+    def __init__(self, transform: DetectionTransform, augmentation: Augmentation):
+        self.transform = transform
+        self.augmentation = augmentation
+
+    def __call__(self, image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict, float]:
+        resize, flip = self.transform.resize, self.transform.flip
+        image, target = self.augmentation.move(image, target)
+        boxes = target["boxes"]
+        scale = resize.scale_for(*image.shape[-2:]) if resize is not None else 1.0
+        if scale > 1:
+            image = self.augmentation.recolour(image)
+        if resize is not None:
+            image, boxes, scale = resize(image, boxes, scale)
+        if flip is not None:
+            image, boxes = flip(image, boxes)
+        if scale <= 1:
+            image = self.augmentation.recolour(image)
+        return image, {**target, "boxes": boxes}, scale

@@ -13,10 +13,11 @@ import zlib
 import numpy as np
 import skimage.data
 import skimage.draw
+import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from .files import write_text_atomically
+from ..dataloader import write_text_atomically
 
 SHAPE_CLASSES = ("circle", "rectangle", "triangle", "ellipse", "star")
 BACKGROUND_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")  # bundled with scikit-image
@@ -180,8 +181,18 @@ def make_shapes_dataset(
 
 
 def make_shapes_demo(root: str, num_train: int, num_val: int, seed: int = 0) -> tuple[str, str, str]:
-    """The demo's training and validation splits (seeds `seed` and `seed` + 1), written once: the paths of the
-    training CSV, the class list and the validation CSV."""
-    train = make_shapes_dataset(root, "train", num_train, seed=seed)
-    val = make_shapes_dataset(root, "val", num_val, seed=seed + 1)
-    return train["csv"], train["classes"], val["csv"]
+    """The demo's training and validation splits (seeds `seed` and `seed` + 1), written once (in a distributed run
+    by the first process, while the others wait): the paths of the training CSV, the class list and the validation
+    CSV."""
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or dist.get_rank() == 0:
+        make_shapes_dataset(root, "train", num_train, seed=seed)
+        make_shapes_dataset(root, "val", num_val, seed=seed + 1)
+    if distributed:
+        dist.barrier()
+    return shapes_demo_files(root)
+
+
+def shapes_demo_files(root: str) -> tuple[str, str, str]:
+    """Where make_shapes_demo writes the training CSV, the class list and the validation CSV."""
+    return os.path.join(root, "train.csv"), os.path.join(root, "classes.csv"), os.path.join(root, "val.csv")

@@ -3,7 +3,7 @@
 Not in the paper, whose detector sees each image whole, resized to one scale (§5.2 "Speed versus Accuracy"). An
 aerial photograph or a slide of 10,000 pixels resized that way shrinks its objects below the smallest anchors (32
 pixels on P3, §4 "Anchors"); cut into tiles at its own resolution, as DeepForest's split_raster does, every part of
-it is seen at the scale of its objects. engine/tiling.py predicts tile by tile with the same windows.
+it is seen at the scale of its objects. extras/tiling.py predicts tile by tile with the same windows.
 
 - A tile is a window of tile_size x tile_size pixels; neighbouring tiles overlap by at least `overlap` of a tile,
   the first and last lie flush with the image's edges (tile_windows). An image lower or narrower than a tile gives
@@ -17,6 +17,7 @@ it is seen at the scale of its objects. engine/tiling.py predicts tile by tile w
 Legend for shapes: N boxes of an image.
 """
 
+import csv
 import math
 import os
 from collections import Counter
@@ -28,9 +29,7 @@ import torch
 from PIL import Image
 from torchvision.ops import box_area
 
-from ..dataloader import clip_to_image
-from .files import write_csv_atomically, write_text_atomically
-from .images import read_rgb_image
+from ..dataloader import clip_to_image, read_rgb_image, write_atomically, write_text_atomically
 
 DEFAULT_OVERLAP = 0.25  # every object up to a quarter of a tile across then lies whole in some tile
 DEFAULT_MIN_VISIBLE = 0.5  # a cut box is kept when at least half of its area is inside the tile
@@ -168,5 +167,5 @@ def cut_into_tiles(images: Sequence[tuple[str, np.ndarray]], class_names: Sequen
         total = TilingReport(*(a + b for a, b in zip(total, report)))
     write_text_atomically(os.path.join(output_dir, "classes.csv"),
                           "".join(f"{name},{index}\n" for index, name in enumerate(class_names)))
-    write_csv_atomically(os.path.join(output_dir, "train.csv"), rows)
+    write_atomically(os.path.join(output_dir, "train.csv"), lambda file: csv.writer(file, lineterminator="\n").writerows(rows))
     return total

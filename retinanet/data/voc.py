@@ -1,6 +1,6 @@
-"""Pascal VOC annotations, read and checked: the XML files of the VOC benchmark (and of LabelImg and CVAT's VOC
-export), each problem a ValueError naming the file and the line. The datasets (data/datasets.py) and the data check
-(diagnostics/check.py) share them.
+"""Pascal VOC annotations, read and checked into a DetectionDataset: the XML files of the VOC benchmark (and of
+LabelImg and CVAT's VOC export), each problem a ValueError naming the file and the line. The data check
+(diagnostics/check.py) reads them too.
 
 Two layouts. A VOC root (e.g. VOCdevkit/VOC2007) holds Annotations/{id}.xml, JPEGImages/ and ImageSets/Main/{set}.txt
 listing the ids of each set; without ImageSets/Main/, every file in Annotations/ is read. Any other folder holds XML
@@ -10,7 +10,7 @@ files next to their images (LabelImg's layout) and is one set, whatever its name
 VOC's coordinates are 1-based pixel indices, both ends included: xmin = 1, xmax = 3 is a box over the first three
 pixels, x1 = 0 and x2 = 3 in the continuous pixel coordinates used here (x1 = xmin - 1, y1 = ymin - 1, as
 detectron2 reads them). A `difficult` object is a box like any other for training, as in detectron2; evaluation
-neither counts it as a hit nor as a miss (the VOC protocol, engine/evaluation.py).
+neither counts it as a hit nor as a miss (the VOC protocol, evaluation.py).
 
 Legend for shapes: N boxes of one image.
 """
@@ -23,8 +23,8 @@ from xml.parsers import expat
 
 import numpy as np
 
-from .annotations import line_error, read_class_list
-from .images import IMAGE_EXTENSIONS, require_file
+from ..dataloader import (IMAGE_EXTENSIONS, DetectionDataset, Transform, line_error, raise_first, raise_if_missing,
+                          read_class_list, require_file)
 
 # The 20 classes of VOC2007 and VOC2012, in the order of the development kit (and of every released VOC model).
 VOC_CLASSES = (
@@ -253,3 +253,40 @@ def boxes_of_files(files: list[VOCFile], class_names: list[str]) -> VOCBoxes:
         boxes.difficult.append(np.array([obj.difficult for obj in known], dtype=bool))
         boxes.lines.append([obj.line for obj in known])
     return boxes
+
+
+# ------------------------------------------------------------------------------------------------ datasets
+
+
+class VOCDataset(DetectionDataset):
+    """Boxes from the Pascal VOC XML files of set `set_name` of one or more roots: VOC roots (e.g.
+    VOCdevkit/VOC2007, VOCdevkit/VOC2012) or folders of XML files next to their images (voc.py). Classes:
+    `class_names` if given, else VOC's 20 when every name found is one of them, else the sorted names found
+    (train.py gives those of its training and validation sets: run_class_names).
+    Difficult boxes train as any other; evaluation neither counts them as hits nor as misses, with the 11-point AP
+    on VOC2007's test set. Malformed files and objects, unknown classes and missing images raise ValueError naming
+    the file and the line. `parsed` is the set as read_voc_set returns it, where the caller has read it already."""
+
+    def __init__(self, roots: Sequence[str], set_name: str, class_names: list[str] | None = None,
+                 transform: Transform | None = None, parsed: ParsedVOC | None = None, allow_large: bool = False):
+        voc_set = VOCSet(tuple(roots), set_name)
+        parsed = read_voc_set(voc_set) if parsed is None else parsed
+        class_names = list(class_names) if class_names is not None else found_class_names(parsed.files)
+        boxes = boxes_of_files(parsed.files, class_names)
+        raise_first(parsed.errors + boxes.errors, "problem(s)")
+        image_paths = [file.image_path for file in parsed.files]
+        raise_if_missing(f"VOC set {set_name!r}", image_paths, [file.xml_path for file in parsed.files])
+        super().__init__(image_paths, boxes.annotations, class_names, transform, boxes.difficult,
+                         allow_large=allow_large)
+        self.use_07_metric = is_voc2007_test(voc_set)
+
+
+def voc_datasets(paths: Sequence[str], train_set: str, val_set: str, val_paths: Sequence[str] | None = None,
+                 class_list: str | None = None) -> tuple[VOCDataset, VOCDataset | None]:
+    """A training run's datasets (training_sets), each set read once, with the classes of class_list or those
+    found in both (run_class_names)."""
+    train_voc, val_voc = training_sets(paths, train_set, val_set, val_paths)
+    parsed = {voc_set: read_voc_set(voc_set) for voc_set in (train_voc, val_voc) if voc_set is not None}
+    class_names = run_class_names(class_list, parsed.values())
+    return (VOCDataset(train_voc.roots, train_voc.name, class_names, parsed=parsed[train_voc]),
+            VOCDataset(val_voc.roots, val_voc.name, class_names, parsed=parsed[val_voc]) if val_voc else None)

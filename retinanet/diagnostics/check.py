@@ -18,11 +18,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data.annotations import read_class_list, read_csv_annotations
-from ..data.datasets import CocoDataset
-from ..data.images import read_rgb_image
-from ..data.voc import ParsedVOC, VOCSet, boxes_of_files, read_voc_set, run_class_names
-from ..dataloader import DetectionDataset, clip_to_image
+from ..data.coco import CocoDataset
+from ..data.voc import ParsedVOC, VOCSet, boxes_of_files, read_voc_set, run_class_names, training_sets
+from ..dataloader import DetectionDataset, clip_to_image, read_class_list, read_csv_annotations, read_rgb_image
 from ..settings import ModelSettings
 from .anchor_fit import fit_report
 from .coverage import anchor_coverage, coverage_report
@@ -96,7 +94,7 @@ def check_coco(root: str, set_name: str, workers: int = 4) -> list[Problem]:
     for index, image_id in enumerate(dataset.image_ids):
         info = dataset.coco.imgs[image_id]
         where = f"{dataset.annotation_file}, image id {image_id}"
-        images.append(ImageToCheck(dataset.image_path(index), dataset.load_annotations(index), where,
+        images.append(ImageToCheck(dataset.image_paths[index], dataset.load_annotations(index), where,
                                    (info["height"], info["width"])))
     return check_images(images, workers)
 
@@ -146,6 +144,19 @@ def check_data(coco: tuple[str, list[str]] | None = None, csv_files: list[str] =
     return all([report(check_csv(path, class_list, workers), path) for path in csv_files])
 
 
+def check_files(dataset: str, csv_files: list[str | None], class_list: str | None, coco_path: str | None,
+                voc_paths: list[str] | None, voc_val: list[str] | None, set_names: tuple[str, str],
+                workers: int = 4) -> bool:
+    """check_data for the sets a training run reads: of `dataset` "coco", its training and validation `set_names`;
+    of "voc", those sets of the roots (voc.training_sets); otherwise the CSV files given. True if training can
+    start."""
+    if dataset == "coco":
+        return check_data(coco=(coco_path, list(set_names)), workers=workers)
+    if dataset == "voc":
+        return check_data(class_list=class_list, workers=workers, voc=training_sets(voc_paths, *set_names, voc_val))
+    return check_data(csv_files=[path for path in csv_files if path], class_list=class_list, workers=workers)
+
+
 def dataset_boxes(dataset: DetectionDataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every box of a dataset as training reads it, clipped to its image (those left without area dropped):
     (G, 4) x1y1x2y2 in the pixels of the image files, the (G, 2) sizes (height, width) of their images, and
@@ -155,7 +166,7 @@ def dataset_boxes(dataset: DetectionDataset) -> tuple[np.ndarray, np.ndarray, np
         annotations = dataset.load_annotations(index)  # (N, 5)
         if len(annotations) == 0:
             continue
-        height, width = dataset.image_size(index)
+        height, width = dataset.image_sizes[index]
         clipped, keep = clip_to_image(torch.from_numpy(annotations), height, width)
         clipped = clipped[keep].numpy()
         boxes.append(clipped[:, :4])

@@ -22,10 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..anchors import Anchors
-from ..boxes import batched_box_iou
+from ..anchors import Anchors, batched_box_iou
+from ..dataloader import Resize
 from ..settings import ModelSettings
-from ..transforms import Resize
 
 JITTER_SIZES = 5  # shorter sides measured over a --jitter range, evenly spaced: its draws are uniform
 WARNING_COVERAGE = 0.90  # below this share of covered boxes, the report warns
@@ -42,7 +41,7 @@ def nearest_cells(boxes: torch.Tensor, image_sizes: torch.Tensor, anchors: Ancho
     widths_heights = image_sizes.flip(-1).to(boxes.dtype)  # (G, 2)
     for cell_anchors, stride in zip(anchors.per_level(1, 1), anchors.strides):  # (A, 4) each
         last_cell = torch.ceil(widths_heights / stride) - 1  # (G, 2) column, row
-        cell = (centres / stride - anchors.centre_offset).round().clamp(min=0).minimum(last_cell)  # (G, 2)
+        cell = (centres / stride - anchors.settings.anchor_centre_offset).round().clamp(min=0).minimum(last_cell)  # (G, 2)
         yield cell_anchors.to(boxes), (cell * stride).repeat(1, 2)  # (A, 4), (G, 2) -> (G, 4)
 
 

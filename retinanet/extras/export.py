@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torchvision.ops import nms
 
-from ..boxes import clip_boxes, has_area
+from ..anchors import clip_boxes, has_area
 from ..inference import top_candidates
 from ..model import RetinaNet
 

@@ -10,7 +10,7 @@ predict_tile and SAHI do, every part of it is seen at the scale the model was tr
   cuts annotated images into training tiles of the same windows);
 - every tile is resized by the factor the model's resize rule gives a tile_size x tile_size image, min_size /
   tile_size: a tile of the model's min_size is seen at scale 1, one of twice that at scale 1/2;
-- the tiles go through the model in batches (predict_dataset), and their boxes are shifted back into the image;
+- the tiles go through the model in batches (inference.predict), and their boxes are shifted back into the image;
 - a box that reaches a side of its tile lying inside the image is cut there; it is dropped where another tile holds
   it whole, away from that tile's own inner sides: that tile sees what this one sees of the object and more;
 - the boxes left are merged with class-wise NMS at the model's threshold (§4.1 "Inference": 0.5). Each tile keeps
@@ -30,11 +30,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 from torchvision.ops import batched_nms
+from tqdm import tqdm
 
-from ..data.images import read_image_size, read_rgb_image
 from ..data.tiles import DEFAULT_OVERLAP, check_tiling, tile_windows
-from ..transforms import Resize, resize_image
-from .batch_inference import predict_dataset
+from ..dataloader import Resize, inference_loader, read_image_size, read_rgb_image, resize_image
+from ..inference import predict
 
 SIDE_MARGIN = 2  # pixels of the model's input: a box this close to a side of its tile touches it
 
@@ -62,7 +62,7 @@ class ImageWindows(Dataset):
     tile_size, cut into tiles (see the module docstring). `images` are paths or (3, H, W) uint8 RGB tensors.
 
     An item is as DetectionDataset's (image, annotations (none), scale, index, original_size), original_size being
-    the window's (height, width): predict_dataset then gives each window's detections in the window's pixels.
+    the window's (height, width): inference.predict then gives each window's detections in the window's pixels.
     An image whose header cannot be read gets no window: `unreadable` maps its position to why. One whose pixels
     cannot be decoded gives placeholder items of original_size (0, 0) instead of stopping every loading process.
     With allow_large, image files past Pillow's pixel limit are read (data/images.py)."""
@@ -96,10 +96,10 @@ class ImageWindows(Dataset):
     def __len__(self) -> int:
         return len(self.windows)
 
-    def aspect_ratio(self, index: int) -> float:
-        """Width / height of window `index`."""
-        x1, y1, x2, y2 = self.windows[index].box
-        return (x2 - x1) / (y2 - y1)
+    @property
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of each window, as the model sees it before resizing: what batches are grouped by."""
+        return [(y2 - y1, x2 - x1) for _, (x1, y1, x2, y2), _ in self.windows]
 
     def _image(self, number: int) -> torch.Tensor | None:
         """Image `number` decoded, or None if its pixels cannot be. It is kept for the next window: one loading
@@ -172,9 +172,9 @@ def held_whole_elsewhere(boxes: torch.Tensor, tile_of_box: torch.Tensor, tiles: 
 
 def merge_tiles(windows: Sequence[Window], predictions: Sequence[dict[str, np.ndarray]],
                 image_size: tuple[int, int], nms_threshold: float) -> dict[str, np.ndarray]:
-    """One image's detections from those of its windows (each in its window's pixels, as predict_dataset gives
+    """One image's detections from those of its windows (each in its window's pixels, as inference.predict gives
     them): an image seen whole keeps them as they are; a tiled one gets them shifted into its own pixels, without
-    the cut boxes that another tile holds whole, merged by class-wise NMS. Returns predict_dataset's dict."""
+    the cut boxes that another tile holds whole, merged by class-wise NMS. Returns inference.predict's dict."""
     if len(windows) == 1:
         return predictions[0]
     tiles = torch.tensor([window.box for window in windows], dtype=torch.float32)  # (N, 4)
@@ -197,15 +197,17 @@ def predict_windows(model: nn.Module, dataset: ImageWindows, batch_size: int = 8
                     workers: int = 0) -> list[dict[str, np.ndarray] | None]:
     """Detect with `model` (in eval mode, on its device; in fp16 mixed precision on a GPU) on every window of
     `dataset`, `batch_size` windows at a time, and merge each image's windows (merge_tiles). Returns, per image,
-    predict_dataset's dict in the image's pixels, or None for an image that could not be read: its position is
+    inference.predict's dict in the image's pixels, or None for an image that could not be read: its position is
     then in dataset.unreadable, or its windows failed to decode (dataset.unread_reason says why)."""
-    predictions = []
+    predictions: list[dict[str, np.ndarray] | None] = [None] * len(dataset)
     if len(dataset):  # no window: no image could be read
-        predictions = predict_dataset(model, dataset, batch_size=batch_size, workers=workers)
+        loader = inference_loader(dataset, batch_size, workers, pin_memory=next(model.parameters()).is_cuda)
+        for index, prediction in tqdm(predict(model, loader), total=len(dataset), desc="detecting", unit="window"):
+            predictions[index] = prediction
     merged: list[dict[str, np.ndarray] | None] = [None] * len(dataset.images)
     for number, pairs in itertools.groupby(zip(dataset.windows, predictions), key=lambda pair: pair[0].image):
         windows, window_predictions = zip(*pairs)
-        if all(prediction["image_size"] != (0, 0) for prediction in window_predictions):  # (0, 0): undecodable
+        if None not in window_predictions:  # None: a window of an image that could not be decoded
             merged[number] = merge_tiles(windows, window_predictions, dataset.sizes[number],
                                          model.settings.nms_threshold)
     return merged

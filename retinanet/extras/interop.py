@@ -1,24 +1,27 @@
 """Weights of other RetinaNet implementations, read as this project's: yhenon/pytorch-retinanet's state dicts and
 torchvision's `retinanet_resnet50_fpn`.
 
-yhenon's state dicts load wherever a checkpoint does (checkpoint.model_state_dict renames their parameters,
-checkpoint.checkpoint_settings gives them YHENON_SETTINGS). torchvision's (v1; COCO_V1 weights, 36.4 box AP on COCO
+yhenon's state dicts load wherever a checkpoint does: checkpoint.load_model reads any bare state dict with
+yhenon_checkpoint, which renames its parameters and gives it YHENON_SETTINGS and the architecture its tensors fix. torchvision's (v1; COCO_V1 weights, 36.4 box AP on COCO
 val2017) is the paper's ResNet-50 RetinaNet (§4, §4.1) with a few choices of its own; convert_torchvision makes a
 checkpoint of it, where each choice is a model setting (TORCHVISION_SETTINGS), so nothing about torchvision is
 hidden in the model code. Its parameters only need new names; its BatchNorm epsilon is folded into the weights.
 """
 
+from typing import NamedTuple
+
 import torch
 from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
 
 from ..model import RetinaNet
-from ..settings import BOX_CODINGS, ModelSettings
+from ..settings import BOX_CODINGS, RESNET_BLOCKS, ModelSettings
+
+WRAPPER_PREFIX = "module."  # what (Distributed)DataParallel adds to every key of the model it wraps
 
 # yhenon/pytorch-retinanet: its box coding, the paper's matching rule without low-quality matches, and its
 # resizer's 608-pixel shorter side with the longer side at most 1024.
 YHENON_SETTINGS = dict(
-    box_coder_std=BOX_CODINGS["yhenon"][0],
-    smooth_l1_beta=BOX_CODINGS["yhenon"][1],
+    **BOX_CODINGS["yhenon"],
     allow_low_quality_matches=False,
     min_size=608,
     max_size=1024,
@@ -43,6 +46,48 @@ def from_yhenon(key: str) -> str:
     return key
 
 
+class Architecture(NamedTuple):
+    """What the tensors of a RetinaNet state dict fix."""
+
+    depth: int
+    num_classes: int
+    num_anchors: int  # A, per location
+
+
+def infer_architecture(state_dict: dict[str, torch.Tensor]) -> Architecture:
+    """Depth, class count and anchors per location of a RetinaNet state dict (this project's names), from the
+    number and kind of residual blocks and the subnets' output channels (4A boxes, KA classes)."""
+    if "classification_subnet.output.weight" not in state_dict or "box_subnet.output.weight" not in state_dict:
+        raise ValueError("not a RetinaNet state dict: it has no classification and box subnet outputs")
+    num_anchors = state_dict["box_subnet.output.weight"].shape[0] // 4
+    num_classes = state_dict["classification_subnet.output.weight"].shape[0] // num_anchors
+    blocks = tuple(
+        len({key.split(".")[2] for key in state_dict if key.startswith(f"backbone.layer{stage}.")})
+        for stage in range(1, 5)
+    )
+    bottleneck = "backbone.layer1.0.conv3.weight" in state_dict  # ResNet-50 and deeper (torchvision's Bottleneck)
+    for depth, layout in RESNET_BLOCKS.items():
+        if layout == blocks and (depth >= 50) == bottleneck:
+            return Architecture(depth, num_classes, num_anchors)
+    raise ValueError(f"not a ResNet backbone of a known depth: blocks per stage {blocks}")
+
+
+def yhenon_checkpoint(state_dict: dict[str, torch.Tensor]) -> dict:
+    """A checkpoint of this project ("model", "model_settings", "class_names" "0", "1", ...) from a bare state dict,
+    such as those yhenon/pytorch-retinanet saves and publishes: its parameters renamed (and the "module." prefix of
+    a DataParallel wrapper dropped), its settings yhenon's with the depth and classes its tensors fix."""
+    if state_dict and all(key.startswith(WRAPPER_PREFIX) for key in state_dict):
+        state_dict = {key[len(WRAPPER_PREFIX):]: value for key, value in state_dict.items()}
+    state_dict = {from_yhenon(key): value for key, value in state_dict.items()}
+    architecture = infer_architecture(state_dict)
+    settings = ModelSettings(**YHENON_SETTINGS, depth=architecture.depth, num_classes=architecture.num_classes)
+    if settings.num_anchors != architecture.num_anchors:
+        raise ValueError(f"the state dict has {architecture.num_anchors} anchors per location; yhenon's models have "
+                         f"{settings.num_anchors}")
+    return {"model": state_dict, "model_settings": settings.as_dict(),
+            "class_names": [str(label) for label in range(settings.num_classes)]}
+
+
 # torchvision's RetinaNet where it differs from the paper's defaults (score threshold 0.05, 1000 candidates per
 # level and NMS 0.5 are the same there).
 TORCHVISION_SETTINGS = dict(
@@ -50,8 +95,8 @@ TORCHVISION_SETTINGS = dict(
     p6_from="p5",  # LastLevelP6P7(256, 256): P6 from the 256-channel P5, not from C5 (footnote 2)
     anchor_centre_offset=0.0,  # AnchorGenerator shifts anchors by arange(grid) * stride: the cells' corners
     integer_anchors=True,  # sizes (x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3))), base_anchors.round()
-    box_coder_std=BOX_CODINGS["torchvision"][0],  # BoxCoder(weights=(1.0, 1.0, 1.0, 1.0)): raw R-CNN deltas
-    smooth_l1_beta=BOX_CODINGS["torchvision"][1],  # its regression loss is L1 (fine-tuning here keeps it)
+    # BoxCoder(weights=(1.0, 1.0, 1.0, 1.0)): raw R-CNN deltas; its regression loss is L1 (fine-tuning here keeps it)
+    **BOX_CODINGS["torchvision"],
     max_detections=300,  # detections_per_img=300
     min_size=800,  # GeneralizedRCNNTransform(min_size=800, max_size=1333)
     max_size=1333,

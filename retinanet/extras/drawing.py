@@ -19,14 +19,11 @@ from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
 from ..anchors import Anchors
-from ..data.datasets import ImageFileDataset
-from ..data.images import read_rgb_image
-from ..dataloader import DetectionDataset, training_loader
+from ..dataloader import DetectionDataset, ImageFiles, Transform, build_transform, read_rgb_image, training_loader
 from ..diagnostics.coverage import best_anchors
+from ..evaluation import predict_dataset
+from ..inference import cap_report
 from ..settings import ModelSettings
-from ..transforms import Transform, build_transform
-from .batch_inference import predict_dataset, say_if_capped
-from .tiling import ImageWindows, predict_windows
 
 JPEG_EXTENSIONS = (".jpg", ".jpeg")  # saved as JPEG again; every other format as PNG
 JPEG_QUALITY = 95
@@ -97,9 +94,9 @@ def draw_anchor_coverage(image: torch.Tensor, boxes: torch.Tensor, anchors: torc
     return with_caption(draw_bounding_boxes(drawn, anchors, colors=colours, width=line_width(image)), caption)
 
 
-def confident(prediction: dict[str, np.ndarray], score_threshold: float) -> dict[str, np.ndarray]:
-    """The detections with score >= score_threshold, by increasing score: the most confident are drawn last, on top."""
-    kept = np.flatnonzero(prediction["scores"] >= score_threshold)
+def confident(prediction: dict[str, np.ndarray], draw_threshold: float) -> dict[str, np.ndarray]:
+    """The detections with score >= draw_threshold, by increasing score: the most confident are drawn last, on top."""
+    kept = np.flatnonzero(prediction["scores"] >= draw_threshold)
     order = kept[np.argsort(prediction["scores"][kept], kind="stable")]
     return {key: prediction[key][order] for key in ("boxes", "scores", "labels")}
 
@@ -116,13 +113,13 @@ def render(
     image: torch.Tensor,
     prediction: dict[str, np.ndarray],
     class_names: list[str],
-    score_threshold: float = DRAW_THRESHOLD,
+    draw_threshold: float = DRAW_THRESHOLD,
     annotations: np.ndarray | None = None,
 ) -> torch.Tensor:
-    """`image` (3, H, W) uint8 with the predictions of score >= score_threshold drawn on it: (3, H, W). With
+    """`image` (3, H, W) uint8 with the predictions of score >= draw_threshold drawn on it: (3, H, W). With
     annotations (N, 5) x1, y1, x2, y2, class, two captioned panels, ground truth | predictions:
     (3, CAPTION_HEIGHT + H, 2W)."""
-    shown = confident(prediction, score_threshold)
+    shown = confident(prediction, draw_threshold)
     predicted = draw_boxes(image, shown["boxes"], shown["labels"], class_names, shown["scores"])
     if annotations is None:
         return predicted
@@ -166,31 +163,31 @@ def first_images(dataset: DetectionDataset, limit: int | None, transform: Transf
     if len(dataset) == 0:
         raise ValueError("no images to draw on: the dataset is empty")
     count = len(dataset) if limit is None else min(limit, len(dataset))
-    return ImageFileDataset([dataset.image_path(index) for index in range(count)],
-                            [dataset.load_annotations(index) for index in range(count)], dataset.class_names, transform)
+    return DetectionDataset(dataset.image_paths[:count], [dataset.load_annotations(index) for index in range(count)],
+                            dataset.class_names, transform, image_sizes=dataset.image_sizes[:count])
 
 
 def visualize_dataset(
     model: nn.Module,
     dataset: DetectionDataset,
     output_dir: str,
-    score_threshold: float = DRAW_THRESHOLD,
+    draw_threshold: float = DRAW_THRESHOLD,
     limit: int | None = 8,
     batch_size: int = 8,
     workers: int = 0,
 ) -> list[str]:
     """Detect with `model` (in eval mode) on the first `limit` images of `dataset` (all if None) and save each
-    image into output_dir with its detections of score >= score_threshold drawn on it; if any image of the dataset
+    image into output_dir with its detections of score >= draw_threshold drawn on it; if any image of the dataset
     is annotated, the ground truth next to them (see render), each box named by dataset.class_names. Returns the
     paths written, in dataset order."""
-    if not 0.0 <= score_threshold <= 1.0:
-        raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
+    if not 0.0 <= draw_threshold <= 1.0:
+        raise ValueError(f"draw_threshold must be in [0, 1], got {draw_threshold}")
     subset = first_images(dataset, limit, dataset.transform)
     image_paths, annotations = subset.image_paths, subset.annotations
     has_ground_truth = any(len(dataset.load_annotations(index)) for index in range(len(dataset)))
     predictions = predict_dataset(model, subset, batch_size=batch_size, workers=workers)
-    say_if_capped(predictions, model.settings.max_detections)
-    return draw_predictions(image_paths, predictions, dataset.class_names, output_dir, score_threshold,
+    print(cap_report(predictions, model.settings.max_detections))
+    return draw_predictions(image_paths, predictions, dataset.class_names, output_dir, draw_threshold,
                             annotations if has_ground_truth else None)
 
 
@@ -199,22 +196,23 @@ def visualize_images(
     class_names: list[str],
     image_paths: list[str],
     output_dir: str,
-    score_threshold: float = DRAW_THRESHOLD,
+    draw_threshold: float = DRAW_THRESHOLD,
     batch_size: int = 8,
     workers: int = 0,
 ) -> list[str]:
     """Detect with `model` (in eval mode) on image files, each seen whole as the model's resize rule gives it, and
-    save each into output_dir with its detections of score >= score_threshold drawn on it. Returns the paths
+    save each into output_dir with its detections of score >= draw_threshold drawn on it. Returns the paths
     written, in order; an image that cannot be read is a ValueError naming it."""
-    if not 0.0 <= score_threshold <= 1.0:
-        raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
-    windows = ImageWindows(image_paths, model.settings.min_size, model.settings.max_size)
-    predictions = predict_windows(model, windows, batch_size, workers)
-    for number, prediction in enumerate(predictions):
-        if prediction is None:
-            raise ValueError(windows.unread_reason(number))
-    say_if_capped(predictions, model.settings.max_detections)
-    return draw_predictions(image_paths, predictions, class_names, output_dir, score_threshold)
+    if not 0.0 <= draw_threshold <= 1.0:
+        raise ValueError(f"draw_threshold must be in [0, 1], got {draw_threshold}")
+    images = ImageFiles(image_paths, model.settings.min_size, model.settings.max_size)
+    predictions = predict_dataset(model, images, batch_size=batch_size, workers=workers)
+    unread = [images.why_unread(path) for path in image_paths if path not in images.image_paths]
+    unread += [images.why_unread(path) for path, prediction in zip(images.image_paths, predictions) if prediction is None]
+    if unread:
+        raise ValueError(unread[0])
+    print(cap_report(predictions, model.settings.max_detections))
+    return draw_predictions(image_paths, predictions, class_names, output_dir, draw_threshold)
 
 
 def draw_predictions(
@@ -222,16 +220,16 @@ def draw_predictions(
     predictions: list[dict[str, np.ndarray]],
     class_names: list[str],
     output_dir: str,
-    score_threshold: float = DRAW_THRESHOLD,
+    draw_threshold: float = DRAW_THRESHOLD,
     annotations: list[np.ndarray] | None = None,
 ) -> list[str]:
     """Save each image into output_dir (named by output_names) with its predictions (boxes in its pixels) of score
-    >= score_threshold drawn on it, next to its (N, 5) annotations where given (see render). Returns the paths
+    >= draw_threshold drawn on it, next to its (N, 5) annotations where given (see render). Returns the paths
     written, in order."""
     os.makedirs(output_dir, exist_ok=True)
     paths = []
     for index, name in enumerate(tqdm(output_names(image_paths), desc="drawing", unit="image")):
-        picture = render(read_rgb_image(image_paths[index]), predictions[index], class_names, score_threshold,
+        picture = render(read_rgb_image(image_paths[index]), predictions[index], class_names, draw_threshold,
                          annotations[index] if annotations is not None else None)
         paths.append(save_image(picture, os.path.join(output_dir, name), image_paths[index]))
     return paths
@@ -262,7 +260,7 @@ def draw_training_samples(
             if len(pictures) == count:
                 break
     os.makedirs(output_dir, exist_ok=True)
-    image_paths = [dataset.image_path(index) for index in indices]
+    image_paths = [dataset.image_paths[index] for index in indices]
     return [save_image(picture, os.path.join(output_dir, name), path)
             for picture, name, path in zip(pictures, output_names(image_paths), image_paths)]
 

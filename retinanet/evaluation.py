@@ -1,6 +1,7 @@
-"""Pascal VOC-style evaluation of a detector: per-class average precision at one IoU threshold (0.5 by default:
-VOC's metric, the AP50 of the paper's §5 tables), per-class precision and recall at a score threshold, and one
-precision-recall curve per class.
+"""Evaluation of a detector: its predictions on every image of a dataset (shared by the processes of a distributed
+run), and Pascal VOC-style scores: per-class average precision at one IoU threshold (0.5 by default: VOC's metric,
+the AP50 of the paper's §5 tables), per-class precision and recall at a score threshold, and one precision-recall
+curve per class. COCO's AP@[.5:.95] is in data/coco.py.
 
 Matching follows the VOC development kit: the detections of a class over the whole set are taken by decreasing
 score; one is a true positive if the ground-truth box of its class it overlaps most in its image has
@@ -20,11 +21,13 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+import torch.distributed as dist
+from torch import nn
 from torchvision.ops import box_iou
+from tqdm import tqdm
 
-from ..dataloader import DetectionDataset, clip_to_image
+from .dataloader import DetectionDataset, clip_to_image, inference_loader
+from .inference import predict
 
 # [image][class] -> array: detections (n, 5) x1, y1, x2, y2, score, or annotations (m, 4) x1, y1, x2, y2, or (m, 5)
 # with a fifth column 1 for a difficult box, 0 for any other
@@ -42,6 +45,61 @@ class PRCurve(NamedTuple):
     num_annotations: int  # difficult boxes left out
 
 
+# --------------------------------------------------------------------------------------------- predictions
+
+
+def predict_dataset(model: nn.Module, dataset: DetectionDataset, batch_size: int = 8, workers: int = 0,
+                    rank: int = 0, world_size: int = 1) -> list[dict[str, np.ndarray] | None]:
+    """inference.predict's detections on each image of `dataset`; or process `rank`'s share, the rest None."""
+    pin_memory = next(model.parameters()).is_cuda
+    loader = inference_loader(dataset, batch_size, workers, rank, world_size, pin_memory)
+    predictions: list[dict[str, np.ndarray] | None] = [None] * len(dataset)
+    with tqdm(total=len(dataset), desc="detecting", unit="image", disable=rank != 0) as progress:
+        for index, prediction in predict(model, loader):
+            predictions[index] = prediction
+            progress.update(world_size)
+    return predictions
+
+
+def gather_predictions(predictions: list[dict | None], rank: int, world_size: int) -> list[dict] | None:
+    """Every process's predictions (from predict_dataset with that rank), merged into one list on rank 0; None on
+    the other ranks. Every process must call it."""
+    gathered = [None] * world_size if rank == 0 else None
+    dist.gather_object(predictions, gathered, dst=0)
+    if rank != 0:
+        return None
+    return [next(shard[index] for shard in gathered if shard[index] is not None) for index in range(len(predictions))]
+
+
+def validation_score(model: nn.Module, dataset: DetectionDataset, batch_size: int = 8, workers: int = 0,
+                     rank: int = 0, world_size: int = 1, coco: tuple[str, str] | None = None) -> float | None:
+    """Validation mAP@0.5 (VOC-style), or COCO's AP@[.5:.95] given (output folder, set name); on rank 0."""
+    if dataset is None:
+        return None
+    predictions = predict_dataset(model, dataset, batch_size, workers, rank, world_size)
+    if world_size > 1:
+        predictions = gather_predictions(predictions, rank, world_size)
+    if predictions is None or coco is None:
+        return predictions and evaluate(predictions, dataset)["mAP"]
+    from .data.coco import evaluate_coco  # only for COCO's
+
+    return evaluate_coco(predictions, dataset, *coco)[0]
+
+
+def check_class_names(model_class_names: list[str], dataset_class_names: list[str]) -> None:
+    """Raise ValueError unless a model's classes can be the dataset's: labels are indices, so both lists must
+    match in length and order. Unnamed classes ("0", "1", ..., from a bare state dict) are matched by count."""
+    if len(model_class_names) != len(dataset_class_names):
+        raise ValueError(f"the model detects {len(model_class_names)} classes but the dataset has "
+                         f"{len(dataset_class_names)}; evaluate with the class list the model was trained on")
+    unnamed = [str(label) for label in range(len(model_class_names))]
+    if list(model_class_names) not in (unnamed, list(dataset_class_names)):
+        mismatches = [(label, model_name, dataset_name) for label, (model_name, dataset_name)
+                      in enumerate(zip(model_class_names, dataset_class_names)) if model_name != dataset_name]
+        raise ValueError(f"the model's class names differ from the dataset's (label, model, dataset): "
+                         f"{mismatches[:5]}; labels are indices, so both class lists must be in the same order")
+
+
 # ------------------------------------------------------------------------------------------------- matching
 
 
@@ -52,12 +110,10 @@ def split_difficult(ground_truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rows[:, :4], rows[:, 4:].any(axis=1)  # (m, 4), (m,): no fifth column, no difficult box
 
 
-def match_image(
-    detections: np.ndarray, ground_truth: np.ndarray, iou_threshold: float, difficult: np.ndarray
-) -> np.ndarray:
-    """What each of one image's detections of one class, (n, 5) x1, y1, x2, y2, score, is against its (m, 4)
-    ground-truth boxes of that class, of which `difficult` (m,) bool marks VOC's difficult ones: TRUE_POSITIVE,
-    FALSE_POSITIVE or ON_DIFFICULT. Returns (n,) int, in the order of `detections`."""
+def match_image(detections: np.ndarray, ground_truth: np.ndarray, iou_threshold: float,
+                difficult: np.ndarray) -> np.ndarray:
+    """(n,) TRUE_POSITIVE, FALSE_POSITIVE or ON_DIFFICULT: each of one image's (n, 5) detections of a class
+    (x1, y1, x2, y2, score) against its (m, 4) boxes of that class, the (m,) `difficult` ones VOC's."""
     detections = np.asarray(detections, dtype=np.float64).reshape(-1, 5)  # (n, 5)
     ground_truth = np.asarray(ground_truth, dtype=np.float64).reshape(-1, 4)  # (m, 4)
     states = np.full(len(detections), FALSE_POSITIVE)
@@ -77,23 +133,8 @@ def match_image(
     return states
 
 
-def _check_inputs(detections: PerImagePerClass, annotations: PerImagePerClass) -> int:
-    """The number of classes K, after checking that both inputs hold K arrays for each of the same images."""
-    if len(detections) != len(annotations):
-        raise ValueError(f"detections cover {len(detections)} images but annotations {len(annotations)}")
-    if not annotations:
-        raise ValueError("nothing to evaluate: no images")
-    num_classes = len(annotations[0])
-    for i, (image_detections, image_annotations) in enumerate(zip(detections, annotations)):
-        if len(image_detections) != num_classes or len(image_annotations) != num_classes:
-            raise ValueError(f"image {i}: expected one array per class for {num_classes} classes, got "
-                             f"{len(image_detections)} detection and {len(image_annotations)} annotation arrays")
-    return num_classes
-
-
-def class_curve(
-    detections: PerImagePerClass, annotations: PerImagePerClass, class_index: int, iou_threshold: float = 0.5
-) -> PRCurve:
+def class_curve(detections: PerImagePerClass, annotations: PerImagePerClass, class_index: int,
+                iou_threshold: float = 0.5) -> PRCurve:
     """Precision and recall of one class after each of its detections over the whole set, by decreasing score."""
     scores, hits, num_annotations = [], [], 0
     for image_detections, image_annotations in zip(detections, annotations):
@@ -108,23 +149,20 @@ def class_curve(
     order = np.argsort(-scores, kind="stable")  # stable: ties keep image order, as each image was matched
     true_positives = np.cumsum(np.concatenate(hits)[order])  # (n,)
     detections_so_far = np.arange(1, len(order) + 1)  # (n,)
-    return PRCurve(
-        scores=scores[order],
-        precision=true_positives / detections_so_far,
-        recall=true_positives / max(num_annotations, 1),  # no annotations: no true positives, recall 0
-        num_annotations=num_annotations,
-    )
+    return PRCurve(scores[order], true_positives / detections_so_far,
+                   true_positives / max(num_annotations, 1), num_annotations)  # no annotations: recall 0
 
 
-def precision_recall_curves(
-    detections: PerImagePerClass, annotations: PerImagePerClass, iou_threshold: float = 0.5
-) -> dict[int, PRCurve]:
-    """The PRCurve of every class k in 0..K-1: `detections[i][k]` (n, 5) x1, y1, x2, y2, score of image i's
-    detections of class k, `annotations[i][k]` (m, 4) x1, y1, x2, y2 of its boxes of class k, or (m, 5) with their
-    difficult flags."""
+def precision_recall_curves(detections: PerImagePerClass, annotations: PerImagePerClass,
+                            iou_threshold: float = 0.5) -> dict[int, PRCurve]:
+    """The PRCurve of each class k: detections[i][k] (n, 5) x1, y1, x2, y2, score of image i, annotations[i][k]
+    (m, 4) x1, y1, x2, y2, or (m, 5) with a difficult flag."""
     if not 0.0 < iou_threshold <= 1.0:
         raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
-    num_classes = _check_inputs(detections, annotations)
+    num_classes = len(annotations[0]) if annotations else 0
+    if len(detections) != len(annotations) or {len(image) for image in [*detections, *annotations]} != {num_classes}:
+        raise ValueError(f"expected one array per class of detections and of annotations for each of the same images, "
+                         f"got {len(detections)} images of detections and {len(annotations)} of annotations")
     return {k: class_curve(detections, annotations, k, iou_threshold) for k in range(num_classes)}
 
 
@@ -137,10 +175,7 @@ def precision_envelope(precision: np.ndarray) -> np.ndarray:
 
 
 def average_precision(precision: np.ndarray, recall: np.ndarray, use_07_metric: bool = False) -> float:
-    """Area under the precision envelope (VOC2010+, all points), or its mean at 11 recall levels (VOC2007).
-
-    The envelope at recall r is the best precision at recall r or higher; `recall` is non-decreasing.
-    """
+    """Area under the precision envelope (all points, VOC2010+), or its mean at 11 recalls (VOC2007)."""
     if use_07_metric:
         recall_levels = np.arange(11) / 10  # 0, 0.1, ..., 1.0 exactly as k / 10, the way recalls are computed
         return float(np.mean([precision[recall >= level].max(initial=0.0) for level in recall_levels]))
@@ -155,33 +190,21 @@ def mean_average_precision(results: dict[int, tuple[float, int]]) -> float:
     return float(np.mean(annotated)) if annotated else float("nan")
 
 
-def operating_point(curve: PRCurve, score_threshold: float) -> tuple[float, float]:
-    """(precision, recall) of one class counting only its detections with score >= score_threshold.
-    Precision is NaN without such detections, recall NaN without annotations."""
-    kept = int(np.sum(curve.scores >= score_threshold))  # the scores are sorted, so these are the first `kept`
+def operating_point(curve: PRCurve, pr_threshold: float) -> tuple[float, float]:
+    """(precision, recall) of a class's detections of score >= pr_threshold; NaN where undefined."""
+    kept = int(np.sum(curve.scores >= pr_threshold))  # the scores are sorted, so these are the first `kept`
     precision = float(curve.precision[kept - 1]) if kept else float("nan")
     if curve.num_annotations == 0:
         return precision, float("nan")
     return precision, float(curve.recall[kept - 1]) if kept else 0.0
 
 
-def metrics_table(
-    curves: dict[int, PRCurve],
-    score_threshold: float = 0.05,
-    class_names: list[str] | None = None,
-    use_07_metric: bool = False,
-) -> pd.DataFrame:
+def metrics_table(curves: dict[int, PRCurve], pr_threshold: float = 0.05, class_names: list[str] | None = None,
+                  use_07_metric: bool = False) -> pd.DataFrame:
     """One row per class: class, AP, annotations, and precision and recall at the score threshold."""
-    rows = []
-    for k, curve in curves.items():
-        precision, recall = operating_point(curve, score_threshold)
-        rows.append({
-            "class": class_names[k] if class_names is not None else str(k),
-            "AP": average_precision(curve.precision, curve.recall, use_07_metric),
-            "annotations": curve.num_annotations,
-            "precision": precision,
-            "recall": recall,
-        })
+    rows = [(class_names[k] if class_names is not None else str(k),
+             average_precision(curve.precision, curve.recall, use_07_metric), curve.num_annotations,
+             *operating_point(curve, pr_threshold)) for k, curve in curves.items()]
     return pd.DataFrame(rows, columns=["class", "AP", "annotations", "precision", "recall"])
 
 
@@ -198,18 +221,22 @@ def detections_per_class(prediction: dict[str, np.ndarray], num_classes: int) ->
     return [rows[labels == k] for k in range(num_classes)]
 
 
-def annotations_per_class(annotations: np.ndarray, num_classes: int, difficult: np.ndarray) -> list[np.ndarray]:
-    """Split one image's (N, 5) annotations x1, y1, x2, y2, class and (N,) difficult flags into K arrays (m, 5)
-    x1, y1, x2, y2, difficult."""
-    rows = np.concatenate([annotations[:, :4], difficult[:, None]], axis=1)  # (N, 4) + (N, 1) -> (N, 5)
-    return [rows[annotations[:, 4] == k] for k in range(num_classes)]
+def annotations_per_class(dataset: DetectionDataset, index: int, image_size: tuple[int, int]) -> list[np.ndarray]:
+    """An image's annotations clipped to its size, as K arrays (m, 5) x1, y1, x2, y2, difficult."""
+    clipped, keep = clip_to_image(torch.from_numpy(dataset.load_annotations(index)), *image_size)  # (N, 5), (N,)
+    difficult = torch.from_numpy(dataset.load_difficult(index))[keep, None].float()  # (M, 1)
+    rows = torch.cat([clipped[keep, :4], difficult], dim=1).numpy()  # (M, 4) + (M, 1) -> (M, 5)
+    return [rows[clipped[keep, 4].numpy() == k] for k in range(dataset.num_classes)]
 
 
 def save_pr_curves(
-    curves: dict[int, PRCurve], class_names: list[str], output_dir: str, score_threshold: float = 0.05,
+    curves: dict[int, PRCurve], class_names: list[str], output_dir: str, pr_threshold: float = 0.05,
     use_07_metric: bool = False,
 ) -> list[str]:
     """Write one precision-recall plot per annotated class, `{output_dir}/{k:03d}_{name}.png`; returns the paths."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # only with curves to draw
+    from matplotlib.figure import Figure
+
     os.makedirs(output_dir, exist_ok=True)
     paths = []
     for k, curve in curves.items():
@@ -224,8 +251,8 @@ def save_pr_curves(
             # from recall 0: the envelope holds its value over (previous recall, recall] ("steps-pre")
             axes.plot(np.concatenate([[0.0], curve.recall]), np.concatenate([envelope[:1], envelope]), "--",
                       drawstyle="steps-pre", label="envelope (all-point AP: the area below)")
-        precision, recall = operating_point(curve, score_threshold)
-        axes.plot([recall], [precision], "o", label=f"score >= {score_threshold:g}")
+        precision, recall = operating_point(curve, pr_threshold)
+        axes.plot([recall], [precision], "o", label=f"score >= {pr_threshold:g}")
         ap = average_precision(curve.precision, curve.recall, use_07_metric)
         axes.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision",
                  title=f"{class_names[k]}: AP {ap:.3f}, {curve.num_annotations} boxes")
@@ -237,46 +264,26 @@ def save_pr_curves(
     return paths
 
 
-def evaluate(
-    predictions: list[dict[str, np.ndarray]],
-    dataset: DetectionDataset,
-    iou_threshold: float = 0.5,
-    score_threshold: float = 0.05,
-    use_07_metric: bool | None = None,
-    pr_curves_dir: str | None = None,
-) -> dict:
-    """Score predict_dataset's predictions on `dataset`: print per-class AP, precision and recall and the mAP, and
-    save precision-recall plots into pr_curves_dir if given. AP counts every detection the model returns (its own
-    §4.1 threshold of 0.05 applies); score_threshold only sets where precision and recall are read. The ground
-    truth is clipped to each image as the predictions are, boxes left without area dropped (as in training); its
-    difficult boxes are neither hits nor misses. use_07_metric None: the dataset's (dataset.use_07_metric).
-
-    Returns {"mAP": float (NaN if no class has annotations), "per_class": DataFrame as metrics_table}.
-    """
+def evaluate(predictions: list[dict[str, np.ndarray]], dataset: DetectionDataset, iou_threshold: float = 0.5,
+             pr_threshold: float = 0.05, use_07_metric: bool | None = None, pr_curves_dir: str | None = None) -> dict:
+    """Score predictions on `dataset`: per-class AP and, read at pr_threshold, precision and recall, and the mAP, printed
+    (and plotted into pr_curves_dir); {"mAP": (NaN without annotations), "per_class": metrics_table's}."""
     num_classes = dataset.num_classes
     use_07_metric = dataset.use_07_metric if use_07_metric is None else use_07_metric
     detections = [detections_per_class(prediction, num_classes) for prediction in predictions]
-    clipped = [clipped_ground_truth(dataset, i, prediction["image_size"]) for i, prediction in enumerate(predictions)]
-    annotations = [annotations_per_class(boxes, num_classes, difficult) for boxes, difficult in clipped]
+    annotations = [annotations_per_class(dataset, index, prediction["image_size"])
+                   for index, prediction in enumerate(predictions)]
     curves = precision_recall_curves(detections, annotations, iou_threshold)
-    table = metrics_table(curves, score_threshold, dataset.class_names, use_07_metric)
+    table = metrics_table(curves, pr_threshold, dataset.class_names, use_07_metric)
     mean_ap = mean_average_precision(dict(enumerate(zip(table["AP"], table["annotations"]))))  # the table's APs
     metric = "11-point VOC2007" if use_07_metric else "all-point VOC2010+"
     print(f"AP at IoU {iou_threshold:g} ({metric}); precision and recall of detections with score >= "
-          f"{score_threshold:g}:")
+          f"{pr_threshold:g}:")
     print(table.to_string(index=False, float_format="{:.4f}".format))
     num_annotated = int((table["annotations"] > 0).sum())
     print(f"mAP: {mean_ap:.4f} (mean over the {num_annotated} of {num_classes} classes that have annotations)")
     if pr_curves_dir is not None:
-        paths = save_pr_curves(curves, dataset.class_names, pr_curves_dir, score_threshold, use_07_metric)
+        paths = save_pr_curves(curves, dataset.class_names, pr_curves_dir, pr_threshold, use_07_metric)
         print(f"saved {len(paths)} precision-recall curves to {os.path.abspath(pr_curves_dir)}")
     return {"mAP": mean_ap, "per_class": table}
 
-
-def clipped_ground_truth(
-    dataset: DetectionDataset, index: int, image_size: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 5) annotations of an image clipped to its (height, width), without the boxes that lose all area, and
-    their (N,) difficult flags."""
-    clipped, keep = clip_to_image(torch.from_numpy(dataset.load_annotations(index)), *image_size)
-    return clipped[keep].numpy(), dataset.load_difficult(index)[keep.numpy()]
