@@ -76,8 +76,11 @@ class PyramidFeatures(nn.Module):
         p4 = self.lateral4(c4) + F.interpolate(p5, size=c4.shape[-2:], mode="nearest")
         p3 = self.lateral3(c3) + F.interpolate(p4, size=c3.shape[-2:], mode="nearest")
         outputs = [self.output3(p3), self.output4(p4), self.output5(p5)]
-        p6 = self.p6(c5 if self.p6_from == "c5" else outputs[-1])  # "p5": the smoothed P5, as torchvision
-        p7 = self.p7(F.relu(p6))
+        # P6 and P7 in float32 under mixed precision: maps of a few cells, and PyTorch's bf16 CPU convolution gets the
+        # weight gradient of a stride-2 3x3 conv on a 1x1 map wrong (images of 64 pixels or less; tests/test_model.py)
+        with torch.autocast(c5.device.type, enabled=False):
+            p6 = self.p6((c5 if self.p6_from == "c5" else outputs[-1]).float())  # "p5": the smoothed P5, as torchvision
+            p7 = self.p7(F.relu(p6))
         return outputs + [p6, p7]
 
 
