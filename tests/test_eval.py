@@ -1,6 +1,6 @@
 """Tests of the evaluation code: VOC-style AP against hand-computed values, per-class precision and recall, the
 mapping of detections back to original pixels, and the COCO results and COCOeval path. No trained model needed:
-retinanet.engine.evaluation, retinanet.engine.coco_evaluation and their scripts import the model code only to load a checkpoint."""
+retinanet.evaluation, retinanet.data.coco and their scripts import the model code only to load a checkpoint."""
 
 import importlib
 import json

@@ -65,7 +65,7 @@ class ImageWindows(Dataset):
     the window's (height, width): inference.predict then gives each window's detections in the window's pixels.
     An image whose header cannot be read gets no window: `unreadable` maps its position to why. One whose pixels
     cannot be decoded gives placeholder items of original_size (0, 0) instead of stopping every loading process.
-    With allow_large, image files past Pillow's pixel limit are read (data/images.py)."""
+    With allow_large, image files past Pillow's pixel limit are read (dataloader.py)."""
 
     def __init__(self, images: Sequence[str | torch.Tensor], min_size: int, max_size: int,
                  tile_size: int | None = None, overlap: float = DEFAULT_OVERLAP, allow_large: bool = False):
