@@ -62,8 +62,9 @@ def predict_dataset(model: nn.Module, dataset: DetectionDataset, batch_size: int
 
 
 def gather_predictions(predictions: list[dict | None], rank: int, world_size: int) -> list[dict] | None:
-    """Every process's predictions (from predict_dataset with that rank), merged into one list on rank 0; None on
-    the other ranks. Every process must call it."""
+    """Every process's predictions (predict_dataset's, by rank) in one list on rank 0, None on the others; all call it."""
+    if world_size == 1:
+        return predictions
     gathered = [None] * world_size if rank == 0 else None
     dist.gather_object(predictions, gathered, dst=0)
     if rank != 0:
@@ -77,8 +78,7 @@ def validation_score(model: nn.Module, dataset: DetectionDataset, batch_size: in
     if dataset is None:
         return None
     predictions = predict_dataset(model, dataset, batch_size, workers, rank, world_size)
-    if world_size > 1:
-        predictions = gather_predictions(predictions, rank, world_size)
+    predictions = gather_predictions(predictions, rank, world_size)
     if predictions is None or coco is None:
         return predictions and evaluate(predictions, dataset)["mAP"]
     from .data.coco import evaluate_coco  # only for COCO's
